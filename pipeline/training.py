@@ -1,0 +1,274 @@
+"""The one training loop every stage shares, on Lightning Fabric.
+
+AdamW with linear warmup and cosine decay, gradient clipping and accumulation, a progress bar with rates,
+CSV (and TensorBoard, when installed) logs, periodic held-out evaluation, atomic checkpoints (model,
+optimizer, scheduler, step, RNG states, config) every ``checkpoint_every`` steps, automatic resume from
+``last.ckpt``, a best checkpoint by the task's held-out metric, a NaN/Inf guard, and a checkpoint on Ctrl-C.
+
+Data order is a seeded permutation per epoch, sharded across processes, addressed by step: a resumed run
+sees exactly the batches the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from pipeline.config import FabricConfig, TrainConfig
+from pipeline.io import UserError, load_checkpoint
+
+
+def make_fabric(cfg: FabricConfig, loggers: list | None = None, launch: bool = True):
+    """Fabric from the config, every setting explicit (a bare ``Fabric()`` under torchrun silently runs single
+    processes). Under ``fabric run`` (env LT_CLI_USED) the launcher already started the processes."""
+    from lightning_fabric import Fabric
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.accelerator in ("cuda", "gpu"):
+        available = torch.cuda.device_count()
+        if cfg.devices > available:
+            raise UserError(f"fabric.devices={cfg.devices} but {available} CUDA device(s) exist; lower fabric.devices")
+    elif cfg.accelerator == "cpu" and cfg.devices > (os.cpu_count() or 1) * 4:
+        raise UserError(f"fabric.devices={cfg.devices} processes on {os.cpu_count()} CPU core(s); lower fabric.devices")
+    strategy = cfg.strategy
+    if strategy == "auto" and (cfg.devices > 1 or cfg.num_nodes > 1):
+        strategy = "ddp"
+    fabric = Fabric(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=strategy,
+                    precision=cfg.precision, loggers=loggers or [])
+    if launch and not os.environ.get("LT_CLI_USED"):
+        fabric.launch()
+    return fabric
+
+
+def make_loggers(log_dir: Path) -> list:
+    from lightning_fabric.loggers import CSVLogger
+
+    loggers: list = [CSVLogger(root_dir=str(log_dir), name="logs")]
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        from lightning_fabric.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(root_dir=str(log_dir), name="tensorboard"))
+    return loggers
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier: linear warmup to 1, then cosine to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class StepSampler(Sampler):
+    """Batches of indices for micro-batch ``start``, ``start + 1``, ...: epoch ``e`` is a permutation seeded by
+    ``(seed, e)``, split across ``world`` ranks (rank r takes every world-th index); partial batches dropped."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, start: int = 0) -> None:
+        self.n, self.batch_size, self.seed, self.rank, self.world, self.start = n, batch_size, seed, rank, world, start
+        self.per_epoch = (n // world) // batch_size
+        if self.per_epoch < 1:
+            raise UserError(f"batch_size={batch_size} x {world} process(es) is larger than the {n} training images; "
+                            "lower the batch size")
+
+    def __iter__(self) -> Iterator[list[int]]:
+        micro = self.start
+        while True:
+            epoch, offset = divmod(micro, self.per_epoch)
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            order = torch.randperm(self.n, generator=g)[self.rank :: self.world]
+            for b in range(offset, self.per_epoch):
+                yield order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
+            micro = (epoch + 1) * self.per_epoch
+
+    def __len__(self) -> int:  # infinite in principle; DataLoader wants a number
+        return sys.maxsize
+
+
+def _identity(batch: Any) -> Any:
+    return batch
+
+
+@dataclass
+class Task:
+    """What a stage gives the loop."""
+
+    model: nn.Module
+    train_set: Dataset
+    # (fabric, model, batch, step) -> (loss, metrics to log); metrics are floats or scalar tensors
+    training_step: Callable[..., tuple[torch.Tensor, dict[str, Any]]]
+    # (fabric, model, step) -> held-out metrics (rank 0 may write images); None = no evaluation
+    validate: Callable[..., dict[str, float]] | None = None
+    best_metric: str = ""  # a key of validate's dict, lower is better; "" = no best.ckpt
+    units: str = "img"  # what the rate counts
+    count_units: Callable[[Any], int] = lambda batch: len(batch[0])
+    progress_keys: tuple[str, ...] = ()  # metrics shown in the progress bar besides the loss
+    meta: dict[str, Any] = field(default_factory=dict)  # saved in every checkpoint (config, shapes, ...)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(fabric, path: Path, state: dict[str, Any]) -> None:
+    """Atomic: every rank joins ``fabric.save`` to a temporary name, then rank 0 renames it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fabric.save(tmp, state)
+    if fabric.global_rank == 0:
+        os.replace(tmp, path)
+    fabric.barrier()
+
+
+def _check_loadable(path: Path) -> None:
+    load_checkpoint(path)  # raises a one-line UserError for a corrupt or unsafe file
+
+
+def fit(fabric, task: Task, tcfg: TrainConfig, out_dir: Path, fresh: bool = False, desc: str = "train") -> dict:
+    """Train ``task`` to ``tcfg.max_steps`` in ``out_dir`` (checkpoints ``last.ckpt`` and ``best.ckpt``).
+    Returns the final held-out metrics (empty if none)."""
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    last = out_dir / "last.ckpt"
+    fabric.seed_everything(tcfg.seed + fabric.global_rank, verbose=False)
+    model = task.model
+    if tcfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=tcfg.lr, betas=(0.9, 0.95),
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, tcfg.warmup_steps, tcfg.max_steps, tcfg.min_lr_ratio)
+    )
+    model, optimizer = fabric.setup(model, optimizer)
+    state: dict[str, Any] = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "step": 0,
+                             "best": float("inf"), "rng": _rng_state(), "meta": task.meta, "metrics": {}}
+    if last.exists() and not fresh:
+        _check_loadable(last)
+        fabric.load(last, state, weights_only=True)
+        if fabric.global_rank == 0:
+            _set_rng_state(state["rng"])
+        if state["step"] >= tcfg.max_steps:
+            fabric.print(f"{desc}: already finished ({state['step']}/{tcfg.max_steps} steps) in {out_dir}; "
+                         "use --fresh to start over, or raise max_steps to continue")
+            return dict(state["metrics"])
+        fabric.print(f"{desc}: resuming from {last} at step {state['step']}")
+    step0 = state["step"]
+    train_model = torch.compile(model) if tcfg.compile else model
+
+    sampler = StepSampler(len(task.train_set), tcfg.batch_size, tcfg.seed, fabric.global_rank, fabric.world_size,
+                          start=step0 * tcfg.grad_accum)
+    loader = DataLoader(task.train_set, batch_sampler=sampler, collate_fn=_identity, num_workers=0)
+    batches = iter(loader)
+
+    def checkpoint(path: Path) -> None:
+        state["rng"] = _rng_state()
+        save_checkpoint(fabric, path, state)
+
+    bar = tqdm(total=tcfg.max_steps, initial=step0, desc=desc, disable=fabric.global_rank != 0, dynamic_ncols=True,
+               unit="step", file=sys.stderr)
+    units_done, t_rate = 0, time.perf_counter()
+    metrics: dict[str, float] = dict(state["metrics"])
+    skipped = 0
+    try:
+        while state["step"] < tcfg.max_steps:
+            step = state["step"]
+            model.train()
+            logs: dict[str, float] = {}
+            for micro in range(tcfg.grad_accum):
+                batch = fabric.to_device(next(batches))
+                with fabric.no_backward_sync(model, enabled=micro < tcfg.grad_accum - 1):
+                    loss, step_logs = task.training_step(fabric, train_model, batch, step)
+                    finite = torch.isfinite(loss.detach()).float()
+                    finite = fabric.all_reduce(finite, reduce_op="min") if fabric.world_size > 1 else finite
+                    if finite.item() < 1:
+                        break
+                    fabric.backward(loss / tcfg.grad_accum)
+                units_done += task.count_units(batch)
+                logs = {k: float(v) for k, v in step_logs.items()}
+                logs["loss"] = float(loss.detach())
+            if finite.item() < 1:
+                optimizer.zero_grad(set_to_none=True)
+                if not tcfg.skip_nonfinite:
+                    raise UserError(
+                        f"{desc}: loss is {float(loss.detach())} (not finite) at step {step}; stopped without "
+                        f"saving, the last good checkpoint {last} is kept. Lower the learning rate, try "
+                        "fabric.precision=32-true, or set skip_nonfinite=true to skip such batches"
+                    )
+                skipped += 1
+                state["step"] += 1
+                scheduler.step()
+                continue
+            if tcfg.grad_clip > 0:
+                fabric.clip_gradients(model, optimizer, max_norm=tcfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            state["step"] = step = step + 1
+            bar.update(1)
+            if step % tcfg.log_every == 0 or step == tcfg.max_steps:
+                elapsed = time.perf_counter() - t_rate
+                rate = units_done * fabric.world_size / max(elapsed, 1e-9)
+                logs.update({f"{task.units}_per_s": rate, "lr": scheduler.get_last_lr()[0]})
+                if skipped:
+                    logs["skipped_nonfinite"] = skipped
+                fabric.log_dict({f"train/{k}": v for k, v in logs.items()}, step=step)
+                shown = {"loss": f"{logs['loss']:.4f}"}
+                shown.update({k: f"{logs[k]:.3g}" for k in task.progress_keys if k in logs})
+                shown[f"{task.units}/s"] = f"{rate:,.0f}"
+                bar.set_postfix(shown, refresh=False)
+                units_done, t_rate = 0, time.perf_counter()
+            if task.validate is not None and (step % tcfg.eval_every == 0 or step == tcfg.max_steps):
+                model.eval()
+                metrics = task.validate(fabric, model, step)
+                state["metrics"] = metrics
+                fabric.log_dict({f"val/{k}": v for k, v in metrics.items()}, step=step)
+                shown_val = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+                bar.write(f"step {step}: {shown_val}") if fabric.global_rank == 0 else None
+                value = metrics.get(task.best_metric)
+                if task.best_metric and value is not None and value < state["best"]:
+                    state["best"] = value
+                    checkpoint(out_dir / "best.ckpt")
+            if step % tcfg.checkpoint_every == 0 or step == tcfg.max_steps:
+                checkpoint(last)
+        if task.validate is None or not task.best_metric:
+            pass
+        elif not (out_dir / "best.ckpt").exists():
+            checkpoint(out_dir / "best.ckpt")
+    except KeyboardInterrupt:
+        bar.close()
+        if state["step"] > step0:
+            checkpoint(last)
+            fabric.print(f"\n{desc}: interrupted; saved {last} at step {state['step']}; run again to resume")
+        raise
+    finally:
+        bar.close()
+        for logger in fabric.loggers:
+            logger.finalize("success")
+    return metrics

@@ -1,0 +1,165 @@
+"""Hierarchical VQ-VAE-2 (Razavi et al. 2019, "Generating Diverse High-Fidelity Images with VQ-VAE-2",
+https://arxiv.org/abs/1906.00446).
+
+Levels are listed top (coarsest) first. With ``levels=2`` on a 32 x 32 input the bottom grid is 8 x 8 (1/4)
+and the top grid 4 x 4 (1/8). Encoding runs bottom-up (each level's encoder halves the previous features);
+quantization runs top-down: a level's code vectors are decoded and concatenated to the encoder features of
+the level below before that level is quantized, so lower levels encode what the upper ones miss. The image
+decoder sees every level, upsampled to the bottom grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import VQVAEConfig
+from pipeline.quantizer import VectorQuantizer
+
+
+class ResBlock(nn.Module):
+    def __init__(self, channels: int, res_channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.ReLU(), nn.Conv2d(channels, res_channels, 3, padding=1), nn.ReLU(), nn.Conv2d(res_channels, channels, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+def _encoder(in_ch: int, ch: int, res_ch: int, n_res: int, stride: int) -> nn.Sequential:
+    """Downsample by ``stride`` (4 or 2), then residual blocks."""
+    if stride == 4:
+        layers = [nn.Conv2d(in_ch, ch // 2, 4, 2, 1), nn.ReLU(), nn.Conv2d(ch // 2, ch, 4, 2, 1), nn.ReLU(),
+                  nn.Conv2d(ch, ch, 3, padding=1)]
+    else:
+        layers = [nn.Conv2d(in_ch, ch // 2, 4, 2, 1), nn.ReLU(), nn.Conv2d(ch // 2, ch, 3, padding=1)]
+    layers += [ResBlock(ch, res_ch) for _ in range(n_res)] + [nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+def _decoder(in_ch: int, out_ch: int, ch: int, res_ch: int, n_res: int, stride: int) -> nn.Sequential:
+    """Residual blocks, then upsample by ``stride`` (4 or 2) with transposed convolutions."""
+    layers: list[nn.Module] = [nn.Conv2d(in_ch, ch, 3, padding=1)]
+    layers += [ResBlock(ch, res_ch) for _ in range(n_res)] + [nn.ReLU()]
+    if stride == 4:
+        layers += [nn.ConvTranspose2d(ch, ch // 2, 4, 2, 1), nn.ReLU(), nn.ConvTranspose2d(ch // 2, out_ch, 4, 2, 1)]
+    else:
+        layers += [nn.ConvTranspose2d(ch, out_ch, 4, 2, 1)]
+    return nn.Sequential(*layers)
+
+
+def _upsampler(dim: int, factor: int) -> nn.Module:
+    """Code vectors of a level upsampled ``factor`` times (a power of two) to the bottom grid."""
+    layers: list[nn.Module] = []
+    while factor > 1:
+        layers += [nn.ConvTranspose2d(dim, dim, 4, 2, 1), nn.ReLU()]
+        factor //= 2
+    return nn.Sequential(*layers[:-1]) if layers else nn.Identity()
+
+
+@dataclass
+class VQVAEOutput:
+    reconstruction: torch.Tensor  # (B, C, H, W)
+    loss: torch.Tensor  # reconstruction MSE + quantizer losses
+    recon_loss: torch.Tensor
+    quantizer_loss: torch.Tensor
+    codes: list[torch.Tensor]  # per level, top first: (B, h_l, w_l) long
+    perplexity: list[torch.Tensor]  # per level, top first
+    usage: list[torch.Tensor]  # per level, top first (fraction of the codebook used in this batch)
+
+
+class VQVAE2(nn.Module):
+    def __init__(self, cfg: VQVAEConfig, in_channels: int = 1) -> None:
+        """
+        Args:
+            cfg: the ``vqvae`` config section (levels, widths, codebook).
+            in_channels: image channels (1 grey, 3 RGB).
+        """
+        super().__init__()
+        self.cfg, self.in_channels = cfg, in_channels
+        n, ch, rc, nr, dim = cfg.levels, cfg.channels, cfg.res_channels, cfg.res_blocks, cfg.code_dim
+        # index 0 is the bottom level inside the module; the public API lists levels top first
+        self.encoders = nn.ModuleList(
+            [_encoder(in_channels, ch, rc, nr, 4)] + [_encoder(ch, ch, rc, nr, 2) for _ in range(n - 1)]
+        )
+        # pre-quantization 1x1 convs: the top level sees its encoder features; lower levels also the decoded level above
+        self.pre_quant = nn.ModuleList(
+            [nn.Conv2d(ch + (dim if i < n - 1 else 0), dim, 1) for i in range(n)]
+        )
+        self.quantizers = nn.ModuleList(
+            [VectorQuantizer(cfg.codebook_size, dim, cfg.beta, cfg.quantizer, cfg.decay, cfg.eps,
+                             cfg.kmeans_init, cfg.kmeans_iters, cfg.restart_after) for _ in range(n)]
+        )
+        # decode level i+1's codes (with what it was conditioned on) to level i's resolution
+        self.level_decoders = nn.ModuleList(
+            [_decoder(dim * (1 if i == n - 2 else 2), dim, ch, rc, nr, 2) for i in range(n - 1)]
+        )
+        self.upsamplers = nn.ModuleList([_upsampler(dim, 2**i) for i in range(n)])
+        self.decoder = _decoder(dim * n, in_channels, ch, rc, nr, 4)
+
+    @property
+    def levels(self) -> int:
+        return self.cfg.levels
+
+    def grid_shapes(self, image_size: int) -> list[tuple[int, int]]:
+        """Code grid (h, w) per level, top first."""
+        return [(image_size // 2 ** (i + 2),) * 2 for i in reversed(range(self.levels))]
+
+    def _quantize(self, x: torch.Tensor):
+        feats = []
+        h = x
+        for enc in self.encoders:  # bottom-up
+            h = enc(h)
+            feats.append(h)
+        n = self.levels
+        outs: list = [None] * n
+        vecs: list = [None] * n
+        context = None  # decoded code vectors of the level above, at this level's resolution
+        for i in reversed(range(n)):  # top-down
+            inp = feats[i] if context is None else torch.cat([feats[i], context], 1)
+            q = self.quantizers[i](self.pre_quant[i](inp))
+            outs[i], vecs[i] = q, q.quantized
+            if i > 0:
+                dec_in = q.quantized if context is None else torch.cat([q.quantized, context], 1)
+                context = self.level_decoders[i - 1](dec_in)
+        return outs, vecs
+
+    def _decode_vectors(self, vecs: list[torch.Tensor]) -> torch.Tensor:
+        """Code vectors per level (bottom first, internal order) -> image."""
+        ups = [up(v) for up, v in zip(self.upsamplers, vecs)]  # all at the bottom grid
+        return self.decoder(torch.cat(ups, 1))
+
+    def forward(self, x: torch.Tensor) -> VQVAEOutput:
+        outs, vecs = self._quantize(x)
+        recon = self._decode_vectors(vecs)
+        recon_loss = F.mse_loss(recon.float(), x.float())
+        q_loss = sum(o.loss for o in outs)
+        top_first = list(reversed(outs))
+        return VQVAEOutput(
+            reconstruction=recon,
+            loss=recon_loss + q_loss,
+            recon_loss=recon_loss,
+            quantizer_loss=q_loss,
+            codes=[o.indices for o in top_first],
+            perplexity=[o.perplexity for o in top_first],
+            usage=[o.usage for o in top_first],
+        )
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Images (B, C, H, W) in [-1, 1] -> code grids per level, top first, each (B, h, w) long."""
+        outs, _ = self._quantize(x)
+        return [o.indices for o in reversed(outs)]
+
+    def decode_codes(self, codes: list[torch.Tensor]) -> torch.Tensor:
+        """Code grids per level (top first) -> images (B, C, H, W), roughly in [-1, 1]."""
+        if len(codes) != self.levels:
+            raise ValueError(f"expected {self.levels} code grids (top first), got {len(codes)}")
+        vecs = [q.dequantize(c) for q, c in zip(self.quantizers, reversed(codes))]  # bottom first
+        dtype = next(self.decoder.parameters()).dtype
+        return self._decode_vectors([v.to(dtype) for v in vecs])

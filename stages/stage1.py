@@ -1,0 +1,16 @@
+"""Stage 1: train the hierarchical VQ-VAE-2.  python -m stages.stage1 --config configs/mnist.yaml [key=value ...]"""
+
+import sys
+
+from pipeline.cli import run_main, stage_parser
+
+
+def main(argv=None) -> int:
+    from pipeline.stage1 import run_stage1
+
+    parser = stage_parser("Stage 1: train the VQ-VAE-2 (checkpoints, logs and a reconstruction grid in RUN/stage1/).")
+    return run_main(lambda cfg, run, args: run_stage1(cfg, run, fresh=args.fresh), parser, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
