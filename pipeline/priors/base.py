@@ -1,0 +1,60 @@
+"""The small interface every prior implements, so sampling and evaluation do not care which one they have.
+
+A prior models one level's code grid (H, W) in raster order:
+    p(codes) = prod_t p(codes_t | codes_<t, label, cond_codes)
+where ``label`` is an optional class index and ``cond_codes`` the code grid of the level above
+(the bottom prior is conditioned on the top codes, as in VQ-VAE-2, Razavi et al. 2019).
+
+Labels: a LongTensor (B,) with values in [0, num_classes]; the value ``num_classes`` is the *null*
+label (no class), used by unconditional models and for classifier-free guidance (Ho & Salimans 2022).
+A prior built with ``num_classes == 0`` ignores labels (pass ``None``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class Prior(nn.Module, ABC):
+    """Base class. Subclasses set the attributes below in ``__init__`` and implement the three methods."""
+
+    grid: tuple[int, int]  # (H, W) of the modelled level
+    num_codes: int  # K, codebook size of the modelled level
+    num_classes: int  # 0 = unconditional
+    cond_grid: tuple[int, int] | None  # (Hc, Wc) of the conditioning level, None for the top prior
+    cond_num_codes: int  # codebook size of the conditioning level (0 if none)
+
+    @property
+    def seq_len(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def null_labels(self, batch: int, device: torch.device) -> torch.Tensor:
+        return torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
+
+    @abstractmethod
+    def forward(
+        self,
+        codes: torch.Tensor,  # (B, H, W) long
+        labels: torch.Tensor | None = None,  # (B,) long, num_classes = null
+        cond_codes: torch.Tensor | None = None,  # (B, Hc, Wc) long
+    ) -> torch.Tensor:
+        """Logits (B, H*W, K): position t predicts codes[t] (raster order) from codes[<t] and the conditions."""
+
+    @abstractmethod
+    def begin(
+        self,
+        batch: int,
+        labels: torch.Tensor | None,
+        cond_codes: torch.Tensor | None,
+        use_cache: bool = True,
+    ) -> Any:
+        """Prepare autoregressive sampling of ``batch`` grids; returns an opaque state for ``step``."""
+
+    @abstractmethod
+    def step(self, state: Any, t: int, prev: torch.Tensor | None) -> torch.Tensor:
+        """Logits (B, K) for raster position ``t`` given the code just sampled at ``t - 1`` (``prev``, (B,) long;
+        None when t == 0). Called for t = 0, 1, ..., H*W - 1 in order."""

@@ -1,0 +1,253 @@
+"""Transformer prior: a Hugging Face ``transformers`` causal language model over one level's code grid.
+
+The network is built from a config (GPT-2 or Llama architecture, random initialisation, never pretrained
+weights) with PyTorch scaled-dot-product attention (``attn_implementation="sdpa"``).
+
+Token layout
+------------
+One shared vocabulary of ``K + Kc + C + 1`` ids::
+
+    [0, K)                  codes of the modelled level (K = num_codes)
+    [K, K + Kc)             codes of the conditioning (top) level, offset by K (Kc = cond_num_codes; 0 = none)
+    [K + Kc, K + Kc + C)    class tokens, one per class (C = num_classes)
+    K + Kc + C              the null / start token (no class; also the classifier-free guidance null label)
+
+A label ``y`` in ``[0, C]`` maps to id ``K + Kc + y``, so the null label ``C`` is the null/start token.
+
+Sequence (fixed length, no padding, so no attention mask is needed)::
+
+    [class or null token] + [top codes, raster order (bottom prior only), P = Hc * Wc] + [codes, T = H * W]
+
+The first ``1 + P`` tokens are a conditioning *prefix*: they are never predicted (no loss on them).
+As in any causal LM, input position ``j`` predicts token ``j + 1``; code ``t`` sits at sequence index
+``1 + P + t`` and is predicted by input position ``P + t``. The last code is never an input, so the network
+sees ``P + T`` positions (``n_positions`` / ``max_position_embeddings`` is exactly that). ``forward`` keeps
+the outputs of positions ``P .. P + T - 1`` and the first ``K`` vocabulary entries (the level's codes), so
+``logits[:, t]`` predicts ``codes[:, t]``.
+
+Sampling (``begin`` / ``step``): with the key/value cache the prefix is run once and each step feeds only
+the code sampled at the previous position; without it every step recomputes the whole sequence so far
+(the slow baseline). Both give the same logits up to float rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from pipeline.priors.base import Prior
+
+ARCHS = ("gpt2", "llama")
+
+
+@dataclass
+class _GPTState:
+    """Autoregressive sampling state: the tokens fed so far, and the key/value cache when one is used."""
+
+    use_cache: bool
+    tokens: torch.Tensor  # (B, L) the prefix, then (without the cache) every code fed so far
+    past: Any = None  # transformers Cache after the tokens above (use_cache only)
+    first_logits: torch.Tensor | None = None  # (B, K) logits for t = 0, computed with the prefix (use_cache)
+    next_t: int = 0
+
+
+class GPTPrior(Prior):
+    """Autoregressive prior over one level's codes with a Hugging Face causal LM (GPT-2 or Llama) backbone."""
+
+    def __init__(
+        self,
+        grid: tuple[int, int],
+        num_codes: int,
+        num_classes: int = 0,
+        cond_grid: tuple[int, int] | None = None,
+        cond_num_codes: int = 0,
+        arch: str = "gpt2",
+        n_layer: int = 4,
+        n_embd: int = 128,
+        n_head: int = 4,
+        dropout: float = 0.0,
+    ) -> None:
+        """Build the prior from a config (random weights).
+
+        Args:
+            grid: (H, W) of the modelled level.
+            num_codes: K, codebook size of the modelled level.
+            num_classes: number of classes C (0 = unconditional; labels are then ignored).
+            cond_grid: (Hc, Wc) of the conditioning level (the top grid, for the bottom prior); None for the
+                top prior.
+            cond_num_codes: codebook size of the conditioning level (required > 0 with ``cond_grid``).
+            arch: "gpt2" (GPT2LMHeadModel: learned positions, LayerNorm, GELU) or "llama"
+                (LlamaForCausalLM: rotary positions, RMSNorm, SwiGLU).
+            n_layer: number of transformer blocks.
+            n_embd: hidden size (must be divisible by ``n_head``).
+            n_head: number of attention heads.
+            dropout: dropout probability (embeddings, residual and attention for gpt2; attention for llama).
+        """
+        super().__init__()
+        if arch not in ARCHS:
+            raise ValueError(f"arch={arch!r}: must be one of {', '.join(repr(a) for a in ARCHS)}")
+        if len(grid) != 2 or min(grid) < 1:
+            raise ValueError(f"grid={grid}: must be (H, W) with H, W >= 1")
+        if num_codes < 1:
+            raise ValueError(f"num_codes={num_codes}: must be >= 1")
+        if num_classes < 0:
+            raise ValueError(f"num_classes={num_classes}: must be >= 0 (0 = unconditional)")
+        if cond_grid is not None and cond_num_codes < 1:
+            raise ValueError(f"cond_num_codes={cond_num_codes}: must be >= 1 with cond_grid={cond_grid}")
+        if cond_grid is None and cond_num_codes != 0:
+            raise ValueError(f"cond_num_codes={cond_num_codes}: must be 0 without cond_grid")
+        if n_embd % n_head != 0:
+            raise ValueError(f"n_embd={n_embd} is not divisible by n_head={n_head}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout={dropout}: must be in [0, 1)")
+
+        self.grid = (int(grid[0]), int(grid[1]))
+        self.num_codes = int(num_codes)
+        self.num_classes = int(num_classes)
+        self.cond_grid = None if cond_grid is None else (int(cond_grid[0]), int(cond_grid[1]))
+        self.cond_num_codes = int(cond_num_codes)
+        self.arch = arch
+
+        self.cond_offset = self.num_codes  # first id of the conditioning-level codes
+        self.class_offset = self.num_codes + self.cond_num_codes  # first class id; class_offset + C = null
+        self.null_token = self.class_offset + self.num_classes
+        self.vocab_size = self.null_token + 1
+        self.prefix_len = 1 + (0 if self.cond_grid is None else self.cond_grid[0] * self.cond_grid[1])
+        self.n_positions = self.prefix_len - 1 + self.seq_len  # positions the network ever sees
+
+        common = dict(
+            vocab_size=self.vocab_size,
+            bos_token_id=self.null_token,
+            eos_token_id=None,
+            pad_token_id=None,  # fixed-length sequences, no padding (and no "pad id == start id" warning)
+            use_cache=True,
+        )
+        if arch == "gpt2":
+            config = GPT2Config(
+                n_positions=self.n_positions,
+                n_embd=n_embd,
+                n_layer=n_layer,
+                n_head=n_head,
+                resid_pdrop=dropout,
+                embd_pdrop=dropout,
+                attn_pdrop=dropout,
+                **common,
+            )
+            model_cls = GPT2LMHeadModel
+        else:
+            # SwiGLU width ~ 8/3 * n_embd (rounded up to a multiple of 32): ~ the parameters of a 4x GELU MLP
+            intermediate = 32 * math.ceil(8 * n_embd / 3 / 32)
+            config = LlamaConfig(
+                hidden_size=n_embd,
+                intermediate_size=intermediate,
+                num_hidden_layers=n_layer,
+                num_attention_heads=n_head,
+                num_key_value_heads=n_head,
+                max_position_embeddings=self.n_positions,
+                attention_dropout=dropout,
+                tie_word_embeddings=False,
+                **common,
+            )
+            model_cls = LlamaForCausalLM
+        self.model = model_cls._from_config(config, attn_implementation="sdpa")
+
+    # ----------------------------------------------------------------------------------------------- helpers
+
+    def num_parameters(self) -> int:
+        """Number of parameters (tied embeddings counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    @property
+    def _device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    def _prefix(
+        self, batch: int, labels: torch.Tensor | None, cond_codes: torch.Tensor | None
+    ) -> torch.Tensor:
+        """(B, 1 + P) prefix ids: class (or null) token, then the conditioning codes (offset ids)."""
+        device = self._device
+        if self.num_classes == 0 or labels is None:
+            first = torch.full((batch, 1), self.null_token, dtype=torch.long, device=device)
+        else:
+            labels = labels.to(device=device, dtype=torch.long).view(-1)
+            if labels.shape[0] != batch:
+                raise ValueError(f"labels have batch {labels.shape[0]}, expected {batch}")
+            if labels.numel() and (labels.min() < 0 or labels.max() > self.num_classes):
+                raise ValueError(f"labels must be in [0, {self.num_classes}] ({self.num_classes} = null)")
+            first = (labels + self.class_offset)[:, None]
+        if self.cond_grid is None:
+            return first
+        if cond_codes is None:
+            raise ValueError(f"this prior is conditioned on a {self.cond_grid} code grid: pass cond_codes")
+        if tuple(cond_codes.shape) != (batch, *self.cond_grid):
+            expected = (batch, *self.cond_grid)
+            raise ValueError(f"cond_codes have shape {tuple(cond_codes.shape)}, expected {expected}")
+        cond = cond_codes.to(device=device, dtype=torch.long).reshape(batch, -1)
+        return torch.cat([first, cond + self.cond_offset], dim=1)
+
+    def _code_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits[..., : self.num_codes]
+
+    # -------------------------------------------------------------------------------------- Prior interface
+
+    def forward(
+        self,
+        codes: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        cond_codes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, H*W, K), teacher forcing: ``logits[:, t]`` predicts ``codes[:, t]`` (raster order)."""
+        batch = codes.shape[0]
+        if tuple(codes.shape[1:]) != self.grid:
+            raise ValueError(f"codes have shape {tuple(codes.shape)}, expected (B, *{self.grid})")
+        prefix = self._prefix(batch, labels, cond_codes)
+        flat = codes.to(device=prefix.device, dtype=torch.long).reshape(batch, -1)
+        tokens = torch.cat([prefix, flat[:, :-1]], dim=1)  # (B, P + T): the last code is never an input
+        out = self.model(input_ids=tokens, use_cache=False, logits_to_keep=self.seq_len)
+        return self._code_logits(out.logits)
+
+    def begin(
+        self,
+        batch: int,
+        labels: torch.Tensor | None,
+        cond_codes: torch.Tensor | None,
+        use_cache: bool = True,
+    ) -> _GPTState:
+        """Build the prefix; with ``use_cache`` run it once, keeping the key/value cache and t = 0 logits."""
+        prefix = self._prefix(batch, labels, cond_codes)
+        state = _GPTState(use_cache=use_cache, tokens=prefix)
+        if use_cache:
+            out = self.model(input_ids=prefix, use_cache=True, logits_to_keep=1)
+            state.past = out.past_key_values
+            state.first_logits = self._code_logits(out.logits[:, -1])
+        return state
+
+    def step(self, state: _GPTState, t: int, prev: torch.Tensor | None) -> torch.Tensor:
+        """Logits (B, K) for raster position ``t``; ``prev`` (B,) = code sampled at ``t - 1`` (None at 0)."""
+        if t != state.next_t:
+            raise ValueError(f"step called with t={t}, expected t={state.next_t} (steps must run in order)")
+        if not 0 <= t < self.seq_len:
+            raise ValueError(f"t={t}: must be in [0, {self.seq_len})")
+        state.next_t = t + 1
+        if t == 0:
+            if state.use_cache:
+                logits = state.first_logits
+                state.first_logits = None
+                return logits
+            new = None
+        else:
+            if prev is None:
+                raise ValueError(f"step t={t} needs the previous code (prev)")
+            new = prev.to(device=state.tokens.device, dtype=torch.long).view(-1, 1)
+            if not state.use_cache:
+                state.tokens = torch.cat([state.tokens, new], dim=1)
+        if state.use_cache:
+            out = self.model(input_ids=new, past_key_values=state.past, use_cache=True)
+            state.past = out.past_key_values
+        else:  # baseline: recompute the whole sequence so far
+            out = self.model(input_ids=state.tokens, use_cache=False, logits_to_keep=1)
+        return self._code_logits(out.logits[:, -1])
