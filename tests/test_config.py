@@ -1,0 +1,71 @@
+import pytest
+
+from pipeline.config import Config, ConfigError, load_config, parse_override
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("stage1.max_stepz=5", "unknown config key stage1.max_stepz"),
+        ("bogus.key=1", "unknown config key bogus"),
+        ("stage1.max_steps=abc", "stage1.max_steps='abc': expected an integer"),
+        ("stage1.lr=-0.1", "stage1.lr=-0.1 is not allowed: the learning rate must be > 0"),
+        ("data.image_size=30", "data.image_size=30 is not allowed: must be divisible by the total downsampling"),
+        ("vqvae.codebook_size=1", "vqvae.codebook_size=1 is not allowed: must be >= 2"),
+        ("vqvae.quantizer=kmeans", "vqvae.quantizer='kmeans' is not allowed: choose one of ema, loss"),
+        ("vqvae.kmeans_init=maybe", "vqvae.kmeans_init='maybe': expected true or false"),
+        ("sample.top_p=1.5", "sample.top_p=1.5 is not allowed: must be in (0, 1]"),
+        ("sample.temperature=0", "sample.temperature=0.0 is not allowed: must be > 0"),
+        ("fabric.devices=0", "fabric.devices=0 is not allowed"),
+        ("prior.top.kind=rnn", "prior.top.kind='rnn' is not allowed: choose one of gpt, pixelcnn"),
+        ("data.source=web", "data.source='web' is not allowed"),
+        ("evaluate.sweep_temperatures=0.5", "expected a list"),
+        ("stage1.max_steps", "expected key=value"),
+    ],
+)
+def test_bad_values_are_rejected_with_one_line(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/smoke.yaml", [override])
+    text = str(err.value)
+    assert message in text
+    assert "\n" not in text
+
+
+def test_image_size_message_depends_on_levels():
+    with pytest.raises(ConfigError, match=r"2\^\(vqvae.levels\+1\) = 16"):
+        load_config(None, ["vqvae.levels=3", "data.image_size=40"])
+
+
+def test_overrides_are_typed_and_applied():
+    cfg = load_config("configs/mnist.yaml", ["stage1.max_steps=7", "stage1.lr=1e-3", "sample.labels=7",
+                                             "evaluate.sweep_temperatures=[0.5, 1]", "vqvae.kmeans_init=false"])
+    assert cfg.stage1.max_steps == 7 and cfg.stage1.lr == 1e-3
+    assert cfg.sample.labels == "7"
+    assert cfg.evaluate.sweep_temperatures == [0.5, 1.0]
+    assert cfg.vqvae.kmeans_init is False
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_roundtrip_through_dict():
+    from pipeline.config import config_from_dict
+
+    cfg = load_config("configs/mnist.yaml")
+    assert config_from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("preset", ["configs/mnist.yaml", "configs/smoke.yaml", "configs/cifar10.yaml"])
+def test_presets_load(preset):
+    assert isinstance(load_config(preset), Config)
+
+
+def test_parse_override_yaml_values():
+    assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
+    assert parse_override("a=true") == (["a"], True)
