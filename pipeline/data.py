@@ -228,5 +228,5 @@ def load_image_data(cfg: DataConfig) -> ImageData:
     n_hold = max(1, int(round(len(order) * cfg.holdout_fraction)))
     if len(order) - n_hold < 2:
         raise UserError(f"only {n} usable image(s) in the data; need at least 3 for a train/held-out split")
-    holdout, train = ds.select(np.sort(order[:n_hold])), ds.select(np.sort(order[n_hold:]))
+    holdout, train = ds.select(order[:n_hold]), ds.select(order[n_hold:])  # shuffled order: mixed classes
     return ImageData(ImageSet(train), ImageSet(holdout), num_classes, cfg.channels, cfg.image_size, skipped)

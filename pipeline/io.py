@@ -26,6 +26,9 @@ def _atomic(path: str | Path, write: Callable[[str], None]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
     try:
         write(tmp)
         with open(tmp, "rb+") as fh:
@@ -61,6 +64,16 @@ def atomic_savez(path: str | Path, **arrays: Any) -> Path:
     def write(tmp: str) -> None:
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, **arrays)
+
+    return _atomic(path, write)
+
+
+def atomic_save_npy(path: str | Path, array: Any) -> Path:
+    import numpy as np
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            np.save(fh, array)
 
     return _atomic(path, write)
 

@@ -115,6 +115,7 @@ class Task:
     count_units: Callable[[Any], int] = lambda batch: len(batch[0])
     progress_keys: tuple[str, ...] = ()  # metrics shown in the progress bar besides the loss
     meta: dict[str, Any] = field(default_factory=dict)  # saved in every checkpoint (config, shapes, ...)
+    log_prefix: str = ""  # e.g. "top/" when several models log into one folder
 
 
 def _rng_state() -> dict[str, Any]:
@@ -238,7 +239,7 @@ def fit(fabric, task: Task, tcfg: TrainConfig, out_dir: Path, fresh: bool = Fals
                 logs.update({f"{task.units}_per_s": rate, "lr": scheduler.get_last_lr()[0]})
                 if skipped:
                     logs["skipped_nonfinite"] = skipped
-                fabric.log_dict({f"train/{k}": v for k, v in logs.items()}, step=step)
+                fabric.log_dict({f"{task.log_prefix}train/{k}": v for k, v in logs.items()}, step=step)
                 shown = {"loss": f"{logs['loss']:.4f}"}
                 shown.update({k: f"{logs[k]:.3g}" for k in task.progress_keys if k in logs})
                 shown[f"{task.units}/s"] = f"{rate:,.0f}"
@@ -248,7 +249,7 @@ def fit(fabric, task: Task, tcfg: TrainConfig, out_dir: Path, fresh: bool = Fals
                 model.eval()
                 metrics = task.validate(fabric, model, step)
                 state["metrics"] = metrics
-                fabric.log_dict({f"val/{k}": v for k, v in metrics.items()}, step=step)
+                fabric.log_dict({f"{task.log_prefix}val/{k}": v for k, v in metrics.items()}, step=step)
                 shown_val = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
                 bar.write(f"step {step}: {shown_val}") if fabric.global_rank == 0 else None
                 value = metrics.get(task.best_metric)

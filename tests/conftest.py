@@ -6,7 +6,28 @@ import torch
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+SMOKE = "configs/smoke.yaml"
+
+
+def run(module, run_dir, *overrides, fresh=False, config=SMOKE):
+    """Call a stage's main() like the command line would; returns the exit code."""
+    argv = ["--config", config, "--run", str(run_dir), *overrides] + (["--fresh"] if fresh else [])
+    return module.main(argv)
+
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """Stages 1, 2 and sample on the smoke config, once per test session (the folder is shared: copy it
+    before changing anything in it)."""
+    from stages import sample, stage1, stage2
+
+    run_dir = tmp_path_factory.mktemp("smoke")
+    assert run(stage1, run_dir) == 0
+    assert run(stage2, run_dir) == 0
+    assert run(sample, run_dir) == 0
+    return run_dir

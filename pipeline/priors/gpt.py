@@ -162,14 +162,14 @@ class GPTPrior(Prior):
         return sum(p.numel() for p in self.parameters())
 
     @property
-    def _device(self) -> torch.device:
+    def _param_device(self) -> torch.device:
         return self.model.get_input_embeddings().weight.device
 
     def _prefix(
         self, batch: int, labels: torch.Tensor | None, cond_codes: torch.Tensor | None
     ) -> torch.Tensor:
         """(B, 1 + P) prefix ids: class (or null) token, then the conditioning codes (offset ids)."""
-        device = self._device
+        device = self._param_device
         if self.num_classes == 0 or labels is None:
             first = torch.full((batch, 1), self.null_token, dtype=torch.long, device=device)
         else:

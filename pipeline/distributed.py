@@ -1,0 +1,33 @@
+"""Collecting per-rank results in multi-process runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def shard_indices(num: int, rank: int, world: int) -> list[int]:
+    """The items of rank ``rank``: every world-th index, starting at the rank."""
+    return list(range(rank, num, world))
+
+
+def gather_rows(fabric, arrays: list[np.ndarray], num: int) -> list[np.ndarray] | None:
+    """Each rank holds rows ``shard_indices(num, rank, world)`` of every array; rank 0 gets the full arrays in
+    index order (other ranks get None). One process: returned unchanged."""
+    world, rank = fabric.world_size, fabric.global_rank
+    if world == 1:
+        return arrays
+    per = -(-num // world)
+    counts = [len(shard_indices(num, r, world)) for r in range(world)]
+    out = []
+    for a in arrays:
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        pad = per - len(t)
+        if pad:
+            t = torch.cat([t, t.new_zeros((pad,) + t.shape[1:])])
+        g = fabric.all_gather(fabric.to_device(t)).cpu().numpy()  # (world, per, ...)
+        full = np.empty((num,) + g.shape[2:], dtype=g.dtype)
+        for r in range(world):
+            full[r::world] = g[r, : counts[r]]
+        out.append(full)
+    return out if rank == 0 else None

@@ -1,0 +1,117 @@
+"""End-to-end runs of every stage on the smoke config into a temporary folder (tiny, CPU, seconds)."""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stages import evaluate, sample, stage1, stage2
+from tests.conftest import run
+
+
+def metric_rows(folder: Path) -> list[dict]:
+    rows = []
+    for path in sorted(folder.glob("logs/version_*/metrics.csv")):
+        with open(path) as fh:
+            rows += list(csv.DictReader(fh))
+    return rows
+
+
+def series(rows, key):
+    return [float(r[key]) for r in rows if r.get(key)]
+
+
+def test_stage1_writes_files_and_learns(smoke_run):
+    s1 = smoke_run / "stage1"
+    for name in ("last.ckpt", "best.ckpt", "reconstructions.png"):
+        assert (s1 / name).is_file(), name
+    assert (smoke_run / "config.yaml").is_file()
+    losses = series(metric_rows(s1), "train/loss")
+    assert len(losses) >= 3 and losses[-1] < losses[0]
+    ckpt = torch.load(s1 / "last.ckpt", weights_only=True)
+    assert ckpt["step"] == 20 and ckpt["meta"]["config"]["vqvae"]["codebook_size"] == 32
+    assert {"model", "optimizer", "scheduler", "rng"} <= set(ckpt)
+
+
+def test_stage1_finished_run_is_not_retrained_and_resume_continues(smoke_run, tmp_path, capsys):
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(smoke_run, run_dir)
+    assert run(stage1, run_dir) == 0
+    assert "already finished (20/20 steps)" in capsys.readouterr().out
+    assert run(stage1, run_dir, "stage1.max_steps=30") == 0
+    out = capsys.readouterr().out
+    assert "resuming from" in out and "at step 20" in out
+    assert torch.load(run_dir / "stage1" / "last.ckpt", weights_only=True)["step"] == 30
+
+
+def test_stage1_refuses_checkpoint_of_another_config(smoke_run, tmp_path, capsys):
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(smoke_run / "stage1", run_dir / "stage1")
+    assert run(stage1, run_dir, "vqvae.codebook_size=64") == 2
+    err = capsys.readouterr().err
+    assert "different config" in err and "vqvae.codebook_size: 32 -> 64" in err and "Traceback" not in err
+
+
+def test_stage2_codes_and_priors(smoke_run):
+    manifest = json.loads((smoke_run / "codes" / "manifest.json").read_text())
+    assert manifest["levels"] == ["top", "bottom"] and manifest["grids"] == [[2, 2], [4, 4]]
+    for level in ("top", "bottom"):
+        folder = smoke_run / "stage2" / level
+        assert (folder / "last.ckpt").is_file() and (folder / "best.ckpt").is_file()
+    rows = metric_rows(smoke_run / "stage2")
+    for level in ("top", "bottom"):
+        losses = series(rows, f"{level}/train/loss")
+        assert len(losses) >= 3 and losses[-1] < losses[0]
+        assert series(rows, f"{level}/val/nll_bits")
+    summary = json.loads((smoke_run / "stage2" / "summary.json").read_text())
+    assert set(summary["levels"]) == {"top", "bottom"}
+    assert all(np.isfinite(m["nll_bits"]) for m in summary["levels"].values())
+
+
+def test_stage2_before_stage1_fails_with_one_line(tmp_path, capsys):
+    assert run(stage2, tmp_path / "empty") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no stage-1 checkpoint") and "make stage1" in err and "\n" not in err
+
+
+def test_sample_and_evaluate_before_their_stages(tmp_path, smoke_run, capsys):
+    import shutil
+
+    assert run(sample, tmp_path / "empty") == 2
+    assert "no stage-1 checkpoint" in capsys.readouterr().err
+    partial = tmp_path / "partial"
+    shutil.copytree(smoke_run / "stage1", partial / "stage1")
+    assert run(evaluate, partial) == 2
+    assert "no samples" in capsys.readouterr().err
+
+
+def test_sample_outputs(smoke_run):
+    with np.load(smoke_run / "samples" / "samples.npz") as z:
+        images, top, bottom, labels = z["images"], z["codes_top"], z["codes_bottom"], z["labels"]
+        settings = json.loads(str(z["settings"]))
+    assert images.shape == (40, 16, 16, 1) and images.dtype == np.uint8
+    assert top.shape == (40, 2, 2) and bottom.shape == (40, 4, 4)
+    assert labels.min() >= 0 and labels.max() < 10
+    assert settings["temperature"] == 1.0
+    assert (smoke_run / "samples" / "grid.png").is_file()
+    assert {p.name for p in (smoke_run / "sampler").iterdir()} == {"config.json", "model.safetensors", "README.md"}
+
+
+def test_evaluate_report(smoke_run):
+    assert run(evaluate, smoke_run) == 0
+    report = json.loads((smoke_run / "eval" / "report.json").read_text())
+    for key in ("fid", "inception_score", "precision", "recall", "density", "coverage", "num_samples",
+                "feature_extractor", "real_floor", "recon", "codebook", "prior_nll_bits", "sampling"):
+        assert key in report, key
+    assert report["feature_extractor"] == "domain"
+    assert set(report["recon"]) == {"mse", "psnr", "rfid"}
+    assert set(report["prior_nll_bits"]) >= {"top", "bottom"}
+    assert 0 <= report["precision"] <= 1 and report["real_floor"]["fid"] >= 0
+    for name in ("report.md", "reconstructions.png", "codebook_usage.png", "classifier.ckpt"):
+        assert (smoke_run / "eval" / name).is_file()
