@@ -137,7 +137,7 @@ def run_stage1(cfg: Config, run_dir: Path, fresh: bool = False) -> dict[str, flo
         return metrics
 
     task = Task(model=model, train_set=data.train, training_step=training_step, validate=validate,
-                best_metric="mse", units="img",
+                best_metric="mse", units="img", num_workers=cfg.data.num_workers,
                 progress_keys=tuple(f"usage_{n}" for n in level_names(cfg.vqvae.levels)),
                 meta={"config": cfg.to_dict(), "num_classes": data.num_classes, "stage": "stage1"})
     metrics = fit(fabric, task, cfg.stage1, out_dir, fresh=fresh, desc="stage 1")

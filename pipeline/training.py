@@ -116,6 +116,7 @@ class Task:
     progress_keys: tuple[str, ...] = ()  # metrics shown in the progress bar besides the loss
     meta: dict[str, Any] = field(default_factory=dict)  # saved in every checkpoint (config, shapes, ...)
     log_prefix: str = ""  # e.g. "top/" when several models log into one folder
+    num_workers: int = 0  # DataLoader worker processes
 
 
 def _rng_state() -> dict[str, Any]:
@@ -185,7 +186,8 @@ def fit(fabric, task: Task, tcfg: TrainConfig, out_dir: Path, fresh: bool = Fals
 
     sampler = StepSampler(len(task.train_set), tcfg.batch_size, tcfg.seed, fabric.global_rank, fabric.world_size,
                           start=step0 * tcfg.grad_accum)
-    loader = DataLoader(task.train_set, batch_sampler=sampler, collate_fn=_identity, num_workers=0)
+    loader = DataLoader(task.train_set, batch_sampler=sampler, collate_fn=_identity,
+                        num_workers=task.num_workers, persistent_workers=task.num_workers > 0)
     batches = iter(loader)
 
     def checkpoint(path: Path) -> None:

@@ -115,3 +115,16 @@ def test_evaluate_report(smoke_run):
     assert 0 <= report["precision"] <= 1 and report["real_floor"]["fid"] >= 0
     for name in ("report.md", "reconstructions.png", "codebook_usage.png", "classifier.ckpt"):
         assert (smoke_run / "eval" / name).is_file()
+
+
+def test_sweep_plots_precision_against_recall(smoke_run):
+    from stages import sweep
+
+    assert run(sweep, smoke_run) == 0
+    data = json.loads((smoke_run / "eval" / "sweep.json").read_text())
+    settings = [(r["temperature"], r["top_p"]) for r in data["results"]]
+    assert settings == [(0.8, 1.0), (1.0, 1.0), (1.0, 0.9)]  # smoke: temperatures [0.8, 1.0], top_p [0.9]
+    for r in data["results"]:
+        assert 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 and r["fid"] >= 0
+    assert set(data["real_floor"]) >= {"fid", "precision", "recall"}
+    assert (smoke_run / "eval" / "sweep.png").stat().st_size > 1000

@@ -1,0 +1,78 @@
+"""Data sources and their errors (the embedded digits, an image folder; the Hub path needs the network)."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.config import DataConfig
+from pipeline.data import fit_image, load_image_data, to_float, to_uint8
+from pipeline.io import UserError
+
+
+def test_embedded_digits_split_and_scale():
+    data = load_image_data(DataConfig(image_size=32, holdout_fraction=0.2))
+    assert len(data.train) == 4000 and len(data.holdout) == 1000 and data.num_classes == 10
+    pixels, labels = data.train.__getitems__([0, 1, 2])
+    assert pixels.shape == (3, 1, 32, 32) and pixels.dtype == torch.uint8
+    x = to_float(pixels)
+    assert x.min() >= -1 and x.max() <= 1 and x.min() == -1  # padded border is black
+    assert torch.equal(to_uint8(x), pixels)
+    assert set(data.holdout.labels.tolist()) == set(range(10))
+    again = load_image_data(DataConfig(image_size=32, holdout_fraction=0.2))  # the split is fixed
+    assert torch.equal(again.holdout.all_pixels(), data.holdout.all_pixels())
+
+
+def test_fit_image_pads_small_and_resizes_large():
+    small = Image.fromarray(np.full((28, 28), 200, np.uint8), "L")
+    out = fit_image(small, 32, 1)
+    assert out.shape == (1, 32, 32) and out[0, 0, 0] == 0 and out[0, 16, 16] == 200
+    big = Image.fromarray(np.full((40, 80, 3), 100, np.uint8), "RGB")
+    out = fit_image(big, 16, 3)
+    assert out.shape == (3, 16, 16) and abs(int(out[1, 8, 8]) - 100) <= 1
+
+
+def make_folder(root, n_per_class=4, mode="L", size=20):
+    for cls in ("cat", "dog"):
+        (root / cls).mkdir(parents=True)
+        for i in range(n_per_class):
+            arr = np.random.default_rng(i).integers(0, 255, (size, size) if mode == "L" else (size, size, 3))
+            Image.fromarray(arr.astype(np.uint8), mode).save(root / cls / f"{i}.png")
+    return root
+
+
+def test_image_folder_with_class_subfolders(tmp_path):
+    root = make_folder(tmp_path / "imgs")
+    data = load_image_data(DataConfig(source="folder", path=str(root), image_size=16, holdout_fraction=0.25))
+    assert len(data.train) + len(data.holdout) == 8 and data.num_classes == 2
+    assert sorted(torch.cat([data.train.labels, data.holdout.labels]).tolist()) == [0] * 4 + [1] * 4
+
+
+def test_corrupt_images_skipped_with_a_count_or_refused(tmp_path):
+    root = make_folder(tmp_path / "imgs")
+    (root / "cat" / "broken.png").write_bytes(b"not a png at all")
+    with pytest.warns(UserWarning, match="skipped 1 unreadable image"):
+        data = load_image_data(DataConfig(source="folder", path=str(root), image_size=16, holdout_fraction=0.25))
+    assert data.skipped == 1 and len(data.train) + len(data.holdout) == 8
+    with pytest.raises(UserError, match="cannot read image .*broken.png.*data.on_corrupt=skip"):
+        load_image_data(DataConfig(source="folder", path=str(root), image_size=16, on_corrupt="error"))
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "not_images"])
+def test_missing_or_empty_folder(tmp_path, case):
+    path = tmp_path / "data"
+    if case != "missing":
+        path.mkdir()
+    if case == "not_images":
+        (path / "notes.txt").write_text("hello")
+    with pytest.raises(UserError, match="data.path=") as err:
+        load_image_data(DataConfig(source="folder", path=str(path), image_size=16))
+    assert "\n" not in str(err.value)
+
+
+def test_channel_mismatch(tmp_path):
+    root = make_folder(tmp_path / "rgb", mode="RGB")
+    with pytest.raises(UserError, match="colour .* but data.channels=1; set data.channels=3"):
+        load_image_data(DataConfig(source="folder", path=str(root), image_size=16, channels=1))
+    data = load_image_data(DataConfig(source="folder", path=str(root), image_size=16, channels=3))
+    assert data.train.all_pixels().shape[1] == 3
