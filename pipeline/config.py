@@ -156,7 +156,7 @@ class EvaluateConfig:
     inception_path: str = ""  # local TorchScript file of the FID InceptionV3 (extractor: inception)
     k: int = 3  # neighbourhood size for precision/recall/density/coverage
     num_real: int = 0  # real images on each side of the floor and vs samples; 0 = all held-out
-    classifier_steps: int = 1500
+    classifier_steps: int = 800
     classifier_batch_size: int = 128
     batch_size: int = 250
     sweep_temperatures: list[float] = field(default_factory=lambda: [0.7, 0.85, 1.0, 1.15])

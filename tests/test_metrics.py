@@ -331,3 +331,19 @@ def test_inception_grey_and_eval_mode(inception: InceptionFeatures) -> None:
     assert torch.allclose(inception(grey), inception(grey.repeat(1, 3, 1, 1)), atol=1e-6)
     with pytest.raises(ValueError, match=r"must be \(B, C, H, W\) with C in \{1, 3\}"):
         inception(torch.zeros(1, 2, 8, 8, dtype=torch.uint8))
+
+
+def test_classifier_shift_augmentation_matches_a_loop():
+    import torch.nn.functional as F
+
+    from pipeline.metrics.classifier import _shift
+
+    x = torch.randn(5, 2, 6, 7)
+    out = _shift(x, 2, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    dx = torch.randint(0, 5, (5,), generator=g)
+    dy = torch.randint(0, 5, (5,), generator=g)
+    padded = F.pad(x, (2, 2, 2, 2), value=-1.0)
+    for i in range(5):
+        assert torch.equal(out[i], padded[i, :, dy[i] : dy[i] + 6, dx[i] : dx[i] + 7])
+    assert torch.equal(_shift(x, 0, g), x)

@@ -19,7 +19,8 @@ from pipeline.io import UserError, atomic_torch_save, load_checkpoint
 
 
 class DomainClassifier(nn.Module):
-    """4 convolutions (two of them strided) + a 128-d feature layer + a linear head."""
+    """Strided convolutions down to 4 x 4 (5x5/2, 3x3/2, 3x3/2, 3x3), a 128-d feature layer and a linear head;
+    about 0.6 GMAC per 128 images of 32 x 32, so it trains in tens of seconds on a CPU."""
 
     num_features = 128
 
@@ -27,10 +28,10 @@ class DomainClassifier(nn.Module):
         super().__init__()
         w = width
         self.body = nn.Sequential(
-            nn.Conv2d(in_channels, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(),
+            nn.Conv2d(in_channels, w, 5, stride=2, padding=2), nn.BatchNorm2d(w), nn.ReLU(),
             nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU(),
-            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU(),
             nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1), nn.BatchNorm2d(4 * w), nn.ReLU(),
+            nn.Conv2d(4 * w, 4 * w, 3, padding=1), nn.BatchNorm2d(4 * w), nn.ReLU(),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(),
             nn.Linear(4 * w, self.num_features), nn.ReLU(),
         )
@@ -51,7 +52,11 @@ def _shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch
     padded = F.pad(x, (max_shift,) * 4, value=-1.0)
     dx = torch.randint(0, 2 * max_shift + 1, (b,), generator=generator)
     dy = torch.randint(0, 2 * max_shift + 1, (b,), generator=generator)
-    return torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(b)])
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]  # (B, 1, H, 1)
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]  # (B, 1, 1, W)
+    batch = torch.arange(b)[:, None, None, None]
+    chans = torch.arange(x.shape[1])[None, :, None, None]
+    return padded[batch, chans, rows, cols]  # (B, C, H, W)
 
 
 @torch.no_grad()
