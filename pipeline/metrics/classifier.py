@@ -99,8 +99,8 @@ def train_classifier(train: ImageSet, holdout: ImageSet, num_classes: int, steps
 def load_or_train_classifier(path: Path, train: ImageSet, holdout: ImageSet, num_classes: int, steps: int,
                              batch_size: int, seed: int = 0, log=print) -> tuple[DomainClassifier, float]:
     """The cached classifier of a run (retrained when its settings differ), and its held-out accuracy."""
-    settings = {"arch": DomainClassifier.__doc__, "num_classes": num_classes, "steps": steps, "batch_size": batch_size, "seed": seed,
-                "train_size": len(train), "holdout_size": len(holdout)}
+    settings = {"arch": DomainClassifier.__doc__, "num_classes": num_classes, "steps": steps,
+                "batch_size": batch_size, "seed": seed, "train_size": len(train), "holdout_size": len(holdout)}
     if path.exists():
         ckpt = load_checkpoint(path)
         if ckpt.get("settings") == settings:
