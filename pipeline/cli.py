@@ -25,7 +25,9 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", default="configs/mnist.yaml", help="YAML preset (default: configs/mnist.yaml)")
     parser.add_argument(
-        "--run", default=None, help="run folder (default: runs/<config file stem>); stages hand work over in it"
+        "--run", "--run-dir", dest="run", default=None,
+        help="run folder (default: runs/<config file stem>); stages hand work over in it. Under torchrun write "
+             "--run-dir: torchrun reads --run as its own --run-path option",
     )
     parser.add_argument("--fresh", action="store_true", help="ignore existing checkpoints of this stage, start over")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks")

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import torch
+
+from pipeline.io import UserError
 
 
 def shard_indices(num: int, rank: int, world: int) -> list[int]:
@@ -31,3 +36,20 @@ def gather_rows(fabric, arrays: list[np.ndarray], num: int) -> list[np.ndarray] 
             full[r::world] = g[r, : counts[r]]
         out.append(full)
     return out if rank == 0 else None
+
+
+def rank_zero_first(fabric, fn: Callable[[], Any]) -> Any:
+    """``fn()`` on rank 0 first (it may write a file, e.g. a cache), then on the other ranks (which can read it).
+    A UserError on rank 0 is raised on every rank, instead of leaving the others waiting for it."""
+    if fabric.world_size == 1:
+        return fn()
+    result, message = None, None
+    if fabric.global_rank == 0:
+        try:
+            result = fn()
+        except UserError as err:
+            message = str(err)
+    message = fabric.broadcast(message, src=0)
+    if message is not None:
+        raise UserError(message)
+    return result if fabric.global_rank == 0 else fn()

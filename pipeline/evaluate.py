@@ -23,12 +23,12 @@ import torch
 from pipeline.codes import CodeSet, load_manifest
 from pipeline.config import Config
 from pipeline.data import ImageSet, load_image_data, to_float, to_uint8
-from pipeline.distributed import gather_rows, shard_indices
+from pipeline.distributed import gather_rows, rank_zero_first, shard_indices
 from pipeline.images import save_grid
 from pipeline.io import UserError, atomic_write_text
 from pipeline.metrics import fid_from_features, inception_score_from_logits, precision_recall
 from pipeline.stage1 import level_names, load_vqvae, reconstruction_metrics
-from pipeline.stage2 import heldout_nll_bits, load_prior
+from pipeline.stage2 import check_priors_match, heldout_nll_bits, load_prior
 from pipeline.training import make_fabric
 
 METRIC_KEYS = ("precision", "recall", "density", "coverage")
@@ -157,14 +157,16 @@ def run_evaluate(cfg: Config, run_dir: Path) -> dict | None:
     t0 = time.perf_counter()
     e = cfg.evaluate
     samples = load_samples(run_dir)
-    vqvae, cfg1, _ = load_vqvae(run_dir)
+    vqvae, cfg1, stage1_path = load_vqvae(run_dir)
     names = level_names(vqvae.levels)
     priors = {n: load_prior(run_dir, n) for n in names}
+    check_priors_match(stage1_path, [meta for _, meta in priors.values()], run_dir)
     fabric = make_fabric(cfg.fabric)
     log = fabric.print
     data = load_image_data(cfg1.data)
     out_dir = run_dir / "eval"
-    extractor, extractor_info = make_extractor(cfg, run_dir, data, log=log)
+    # rank 0 trains (or loads) and caches the domain classifier, then the others load that file
+    extractor, extractor_info = rank_zero_first(fabric, lambda: make_extractor(cfg, run_dir, data, log=log))
     extractor.module.to(fabric.device)
 
     fake = torch.from_numpy(samples["images"]).permute(0, 3, 1, 2).contiguous()  # (N, H, W, C) -> (N, C, H, W)

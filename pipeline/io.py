@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -84,19 +85,22 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found")
+    corrupt = (f"checkpoint {path} is corrupt or truncated ({{}}); delete it, or rerun the stage that writes it with "
+               "--fresh (make ... ARGS=--fresh) to start that stage over")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a cut-off one has no central directory
+        raise UserError(corrupt.format("not a complete checkpoint archive"))
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        found = re.search(r"WeightsUnpickler error: ([^\n]*?)(?: was not an allowed global by default|\.?\n|$)",
+                          str(err))
+        reason = found.group(1).strip() if found else type(err).__name__
         raise UserError(
-            f"checkpoint {path} was refused by the safe loader (weights_only=True): {first[:200]}. "
-            "It holds more than tensors and plain values; only load files this project wrote"
+            f"checkpoint {path} was refused by the safe loader (weights_only=True): {reason[:200]}. It holds more "
+            "than tensors and plain values (possibly code to run) and was not written by this project; delete it"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        raise UserError(
-            f"checkpoint {path} is corrupt or truncated ({type(err).__name__}); delete it to resume from an "
-            "earlier checkpoint, or start over with fresh=true"
-        ) from None
+    except Exception as err:  # zip, storage or format errors of a damaged file
+        raise UserError(corrupt.format(type(err).__name__)) from None
     if not isinstance(ckpt, dict):
         raise UserError(f"checkpoint {path} does not hold a dict; it was not written by this project")
     return ckpt

@@ -14,19 +14,21 @@ from pipeline.images import save_grid
 from pipeline.io import atomic_savez
 from pipeline.sampler import Sampler, Samples
 from pipeline.stage1 import level_names, load_vqvae
-from pipeline.stage2 import load_prior
+from pipeline.stage2 import check_priors_match, load_prior
 from pipeline.training import make_fabric
 
 
 def build_sampler(run_dir: Path) -> Sampler:
     """The sampler of a run, from its stage-1 and stage-2 checkpoints (architectures read from them)."""
-    vqvae, cfg1, _ = load_vqvae(run_dir)
+    vqvae, cfg1, stage1_path = load_vqvae(run_dir)
     names = level_names(vqvae.levels)
-    priors, specs = [], []
+    priors, specs, metas = [], [], []
     for name in names:
         prior, meta = load_prior(run_dir, name)
         priors.append(prior)
         specs.append(meta["prior"])
+        metas.append(meta)
+    check_priors_match(stage1_path, metas, run_dir)
     return Sampler.from_models(vqvae, priors, cfg1.data.image_size, names, specs)
 
 
@@ -42,9 +44,10 @@ def run_sample(cfg: Config, run_dir: Path) -> Samples | None:
     fabric = make_fabric(cfg.fabric)
     sampler = sampler.to(fabric.device)
     settings = sampling_settings(cfg)
+    s = cfg.sample
+    sampler.resolve_labels(s.labels, [0], s.seed)  # bad labels fail here, before anything is written
     if fabric.global_rank == 0:
         sampler.save_pretrained(run_dir / "sampler", settings)
-    s = cfg.sample
     indices = shard_indices(s.num, fabric.global_rank, fabric.world_size)
     start = time.perf_counter()
     part = sampler.generate_samples(len(indices), s.temperature, s.top_k, s.top_p, s.labels, s.guidance, s.seed,

@@ -69,6 +69,19 @@ def load_prior(run_dir: Path, level: str, which: str = "best", map_location="cpu
     return prior.eval(), ckpt["meta"]
 
 
+def check_priors_match(stage1_path: Path, metas: list[dict], run_dir: Path) -> None:
+    """Refuse priors fitted to the codes of another stage-1 checkpoint: their samples would be codes this
+    decoder does not share (garbage images, or an index error with another codebook size)."""
+    from pipeline.codes import file_sha256
+
+    sha = file_sha256(stage1_path)
+    for meta in metas:
+        if meta.get("stage1_sha256") != sha:
+            raise UserError(f"the {meta.get('level', '?')} prior in {Path(run_dir) / 'stage2'} was trained on the "
+                            f"codes of another stage-1 model than {stage1_path}; retrain the priors: make stage2 "
+                            f"ARGS=--fresh (python -m stages.stage2 --run {run_dir} --fresh)")
+
+
 def run_stage2(cfg: Config, run_dir: Path, fresh: bool = False) -> dict:
     run_dir = Path(run_dir)
     vqvae, cfg1, stage1_path = load_vqvae(run_dir)

@@ -14,7 +14,9 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -42,6 +44,14 @@ def make_fabric(cfg: FabricConfig, loggers: list | None = None, launch: bool = T
             raise UserError(f"fabric.devices={cfg.devices} but {available} CUDA device(s) exist; lower fabric.devices")
     elif cfg.accelerator == "cpu" and cfg.devices > (os.cpu_count() or 1) * 4:
         raise UserError(f"fabric.devices={cfg.devices} processes on {os.cpu_count()} CPU core(s); lower fabric.devices")
+    if not os.environ.get("LT_CLI_USED") and torch.distributed.is_available() \
+            and torch.distributed.is_torchelastic_launched():
+        # torchrun started the processes: a Fabric that expects fewer would silently run each one alone
+        world, local = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        if cfg.devices * cfg.num_nodes != world:
+            raise UserError(f"torchrun started {world} process(es) ({local} per node) but fabric.devices="
+                            f"{cfg.devices} x fabric.num_nodes={cfg.num_nodes} = {cfg.devices * cfg.num_nodes}; "
+                            f"set fabric.devices={local} fabric.num_nodes={max(1, world // local)}")
     strategy = cfg.strategy
     if strategy == "auto" and (cfg.devices > 1 or cfg.num_nodes > 1):
         strategy = "ddp"
@@ -135,11 +145,36 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(fabric, path: Path, state: dict[str, Any]) -> None:
     """Atomic: every rank joins ``fabric.save`` to a temporary name, then rank 0 renames it."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.tmp")  # a stale one from a killed run is simply overwritten
     fabric.save(tmp, state)
     if fabric.global_rank == 0:
+        if tmp.is_file():  # on disk before the rename, so a crash of the machine cannot leave an empty file
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     fabric.barrier()
+
+
+class _StopOnInterrupt:
+    """Ctrl-C (SIGINT) during training asks to stop: the current step finishes, a checkpoint is saved at that
+    step boundary (never a half-applied step), then KeyboardInterrupt is raised. A second Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.requested, self._previous = False, None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
 
 
 def _check_loadable(path: Path) -> None:
@@ -174,8 +209,6 @@ def fit(fabric, task: Task, tcfg: TrainConfig, out_dir: Path, fresh: bool = Fals
     if last.exists() and not fresh:
         _check_loadable(last)
         fabric.load(last, state, weights_only=True)
-        if fabric.global_rank == 0:
-            _set_rng_state(state["rng"])
         if state["step"] >= tcfg.max_steps:
             fabric.print(f"{desc}: already finished ({state['step']}/{tcfg.max_steps} steps) in {out_dir}; "
                          "use --fresh to start over, or raise max_steps to continue")
@@ -188,7 +221,9 @@ def fit(fabric, task: Task, tcfg: TrainConfig, out_dir: Path, fresh: bool = Fals
                           start=step0 * tcfg.grad_accum)
     loader = DataLoader(task.train_set, batch_sampler=sampler, collate_fn=_identity,
                         num_workers=task.num_workers, persistent_workers=task.num_workers > 0)
-    batches = iter(loader)
+    batches = iter(loader)  # draws a seed from the global RNG: restore the saved state after it
+    if step0 and fabric.global_rank == 0:
+        _set_rng_state(state["rng"])
 
     def checkpoint(path: Path) -> None:
         state["rng"] = _rng_state()
@@ -199,7 +234,9 @@ def fit(fabric, task: Task, tcfg: TrainConfig, out_dir: Path, fresh: bool = Fals
     units_done, t_rate = 0, time.perf_counter()
     metrics: dict[str, float] = dict(state["metrics"])
     skipped = 0
+    stop, saved_on_stop = _StopOnInterrupt(), False
     try:
+        stop.install()
         while state["step"] < tcfg.max_steps:
             step = state["step"]
             model.train()
@@ -208,8 +245,11 @@ def fit(fabric, task: Task, tcfg: TrainConfig, out_dir: Path, fresh: bool = Fals
                 batch = fabric.to_device(next(batches))
                 with fabric.no_backward_sync(model, enabled=micro < tcfg.grad_accum - 1):
                     loss, step_logs = task.training_step(fabric, train_model, batch, step)
-                    finite = torch.isfinite(loss.detach()).float()
-                    finite = fabric.all_reduce(finite, reduce_op="min") if fabric.world_size > 1 else finite
+                    # one collective for both: any rank with a non-finite loss, any rank asked to stop
+                    flags = torch.stack([torch.isfinite(loss.detach()).logical_not(),
+                                         torch.tensor(stop.requested, device=loss.device)]).float()
+                    flags = fabric.all_reduce(flags, reduce_op="max") if fabric.world_size > 1 else flags
+                    finite, stop_agreed = 1 - flags[0], bool(flags[1] > 0)
                     if finite.item() < 1:
                         break
                     fabric.backward(loss / tcfg.grad_accum)
@@ -219,23 +259,25 @@ def fit(fabric, task: Task, tcfg: TrainConfig, out_dir: Path, fresh: bool = Fals
             if finite.item() < 1:
                 optimizer.zero_grad(set_to_none=True)
                 if not tcfg.skip_nonfinite:
+                    kept = (f"the last good checkpoint {last} is kept" if last.exists()
+                            else f"no checkpoint was written to {out_dir} yet")
+                    value = float(loss.detach())
+                    what = (f"loss is {value} (not finite)" if not math.isfinite(value)
+                            else "the loss of another process is not finite")
                     raise UserError(
-                        f"{desc}: loss is {float(loss.detach())} (not finite) at step {step}; stopped without "
-                        f"saving, the last good checkpoint {last} is kept. Lower the learning rate, try "
-                        "fabric.precision=32-true, or set skip_nonfinite=true to skip such batches"
+                        f"{desc}: {what} at step {step}; stopped without saving, {kept}. Lower the learning rate, "
+                        "try fabric.precision=32-true, or set skip_nonfinite=true to skip such batches"
                     )
-                skipped += 1
-                state["step"] += 1
-                scheduler.step()
-                continue
-            if tcfg.grad_clip > 0:
-                fabric.clip_gradients(model, optimizer, max_norm=tcfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                skipped += 1  # the step still counts (data order and schedule are addressed by step)
+            else:
+                if tcfg.grad_clip > 0:
+                    fabric.clip_gradients(model, optimizer, max_norm=tcfg.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             state["step"] = step = step + 1
             bar.update(1)
-            if step % tcfg.log_every == 0 or step == tcfg.max_steps:
+            if "loss" in logs and (step % tcfg.log_every == 0 or step == tcfg.max_steps):
                 elapsed = time.perf_counter() - t_rate
                 rate = units_done * fabric.world_size / max(elapsed, 1e-9)
                 logs.update({f"{task.units}_per_s": rate, "lr": scheduler.get_last_lr()[0]})
@@ -258,19 +300,29 @@ def fit(fabric, task: Task, tcfg: TrainConfig, out_dir: Path, fresh: bool = Fals
                 if task.best_metric and value is not None and value < state["best"]:
                     state["best"] = value
                     checkpoint(out_dir / "best.ckpt")
-            if step % tcfg.checkpoint_every == 0 or step == tcfg.max_steps:
+            saved = step % tcfg.checkpoint_every == 0 or step == tcfg.max_steps
+            if saved:
                 checkpoint(last)
+            # Ctrl-C: stop at this step boundary (every rank agreed on it in the collective above)
+            if step < tcfg.max_steps and (stop_agreed if fabric.world_size > 1 else stop.requested):
+                if not saved:
+                    checkpoint(last)
+                bar.close()
+                fabric.print(f"\n{desc}: interrupted; saved {last} at step {step}; run again to resume")
+                saved_on_stop = True
+                raise KeyboardInterrupt
         if task.validate is None or not task.best_metric:
             pass
         elif not (out_dir / "best.ckpt").exists():
             checkpoint(out_dir / "best.ckpt")
     except KeyboardInterrupt:
         bar.close()
-        if state["step"] > step0:
-            checkpoint(last)
-            fabric.print(f"\n{desc}: interrupted; saved {last} at step {state['step']}; run again to resume")
+        if not saved_on_stop:  # a second Ctrl-C: the state may be mid-step, keep the last checkpoint
+            kept = f"{last} is kept" if last.exists() else "nothing was saved"
+            fabric.print(f"\n{desc}: interrupted at once; {kept}")
         raise
     finally:
+        stop.restore()
         bar.close()
         for logger in fabric.loggers:
             logger.finalize("success")

@@ -1,0 +1,76 @@
+"""Helper of tests/test_multiprocess.py, started by torchrun the way cluster users start the stages:
+
+    python -m torch.distributed.run --standalone --nproc_per_node=2 -m tests.mp_helper DIR OUT.json [key=value ...]
+
+Every rank runs the real stage-1 code (``pipeline.stage1.run_stage1`` on configs/smoke.yaml with
+fabric.devices=2, so ``make_fabric`` sees the torchrun environment and launches nothing itself); ``fit`` is
+wrapped to keep the task's model, a fingerprint of every batch the rank trained on, and a hash of the model's
+state (parameters and buffers: codebooks, EMA counts and sums, restart counters) at the start of every step,
+before DDP's forward re-broadcasts rank 0's buffers (which would hide a quantizer that fails to synchronise).
+After ``fit`` each rank hashes every tensor of its state; everything is all-gathered and rank 0 writes it to
+OUT.json for the test to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def state_hashes(module: torch.nn.Module) -> dict[str, str]:
+    return {k: hashlib.sha256(v.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+            for k, v in module.state_dict().items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("run", help="run folder")  # positional: torchrun would take --run for its own option
+    parser.add_argument("out", help="JSON written by rank 0")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+
+    import pipeline.stage1 as stage1
+    from pipeline.config import load_config
+
+    cfg = load_config("configs/smoke.yaml", ["fabric.devices=2", *args.overrides])
+    captured: dict = {"batches": [], "steps": []}
+    real_fit = stage1.fit
+
+    def fit_and_capture(fabric, task, *a, **kw):
+        captured["fabric"], captured["model"] = fabric, task.model
+        step_fn = task.training_step
+
+        def training_step(fabric, model, batch, step):
+            pixels = batch[0]
+            captured["batches"].append(float(pixels.double().sum()))  # which images this rank saw
+            whole = hashlib.sha256("".join(state_hashes(task.model).values()).encode()).hexdigest()
+            captured["steps"].append(whole)
+            return step_fn(fabric, model, batch, step)
+
+        task.training_step = training_step
+        return real_fit(fabric, task, *a, **kw)
+
+    stage1.fit = fit_and_capture
+    stage1.run_stage1(cfg, Path(args.run))
+
+    fabric, model = captured["fabric"], captured["model"]
+    mine = {"rank": fabric.global_rank, "world": fabric.world_size, "hashes": state_hashes(model),
+            "steps": captured["steps"], "batches": captured["batches"], "env_rank": os.environ.get("RANK"),
+            "torchelastic": dist.is_torchelastic_launched()}
+    everyone: list = [None] * fabric.world_size
+    dist.all_gather_object(everyone, mine)
+    if fabric.global_rank == 0:
+        Path(args.out).write_text(json.dumps(everyone))
+    fabric.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()

@@ -1,0 +1,305 @@
+"""Multi-process runs on CPU (2 processes, gloo): data sharding, identical weights and codebooks on every rank,
+rank-0-only files, checkpoints that move between process counts, and stage 2 / sample / evaluate with
+fabric.devices=2 giving the 1-process results.
+
+The stage commands run as real subprocesses: stage 1 as ``python -m stages.stage1 ... fabric.devices=2``
+(Fabric's launcher starts the second process), stage 2, sample and evaluate under
+``python -m torch.distributed.run`` (torchrun starts both, as on clusters). tests/mp_helper.py also runs under
+torchrun, to look inside both ranks.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import FabricConfig
+from pipeline.io import UserError, load_checkpoint
+from pipeline.training import StepSampler, make_fabric
+from stages import evaluate, stage1
+from tests.conftest import SMOKE, run
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT = 300
+
+
+def clean_env() -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                        "NODE_RANK", "TORCHELASTIC_RUN_ID", "LT_CLI_USED", "DEBUG")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def run_cmd(args: list[str]) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=clean_env(), capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    if proc.returncode != 0:
+        print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
+    return proc
+
+
+def torchrun_stage(stage: str, run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """The stage command as cluster users start it: torchrun starts both processes (in parallel)."""
+    return run_cmd(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", f"stages.{stage}",
+                    "--config", SMOKE, "--run-dir", str(run_dir), "fabric.devices=2", *overrides])
+
+
+def files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def leftovers(folder: Path) -> list[str]:
+    return [f for f in files(folder) if Path(f).name.startswith(".") or f.endswith(".tmp")]
+
+
+def copy_run(src: Path, dst: Path, parts=("config.yaml", "stage1", "codes", "stage2", "samples", "sampler")) -> Path:
+    """A private copy of (parts of) a run folder; eval/ is left out so each copy trains its own classifier."""
+    dst.mkdir(parents=True)
+    for part in parts:
+        if (src / part).is_dir():
+            shutil.copytree(src / part, dst / part)
+        elif (src / part).is_file():
+            shutil.copy2(src / part, dst / part)
+    return dst
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data sharding (unit)
+
+
+@pytest.mark.parametrize("n,batch,world", [(96, 8, 2), (103, 5, 2), (50, 4, 3), (40, 8, 1)])
+def test_step_sampler_ranks_are_disjoint_and_cover_the_epoch(n, batch, world):
+    samplers = [StepSampler(n, batch, seed=7, rank=r, world=world) for r in range(world)]
+    per_epoch = samplers[0].per_epoch
+    assert per_epoch == (n // world) // batch
+    for epoch in range(2):
+        seen = []
+        for s in samplers:
+            it = iter(s)
+            for _ in range(epoch * per_epoch):  # skip to this epoch
+                next(it)
+            batches = [next(it) for _ in range(per_epoch)]
+            assert all(len(b) == batch for b in batches)
+            seen.append([i for b in batches for i in b])
+        flat = [i for rank_items in seen for i in rank_items]
+        assert len(flat) == len(set(flat))  # no index on two ranks, none twice on one rank
+        assert set(flat) <= set(range(n))
+        assert n - len(flat) < world * batch + world  # only the partial batches are dropped
+        if n % (world * batch) == 0:
+            assert sorted(flat) == list(range(n))  # the union is everything
+    # each epoch is a new permutation
+    assert next(iter(samplers[0])) != next(iter(StepSampler(n, batch, 7, 0, world, start=per_epoch)))
+
+
+@pytest.mark.parametrize("start", [0, 3, 11, 12, 25])
+def test_step_sampler_resumes_at_a_step_with_the_same_batches(start):
+    n, batch, world = 100, 8, 2  # 6 batches per rank per epoch: starts cross epoch boundaries
+    for rank in range(world):
+        it = iter(StepSampler(n, batch, seed=1, rank=rank, world=world))
+        whole = [next(it) for _ in range(start + 10)]
+        it = iter(StepSampler(n, batch, seed=1, rank=rank, world=world, start=start))
+        assert [next(it) for _ in range(10)] == whole[start:]
+
+
+def test_step_sampler_depends_on_seed_and_refuses_too_big_batches():
+    a = next(iter(StepSampler(100, 8, seed=0)))
+    b = next(iter(StepSampler(100, 8, seed=1)))
+    assert a != b
+    with pytest.raises(UserError, match="larger than the 10 training images"):
+        StepSampler(10, 8, seed=0, world=2)
+
+
+def test_fabric_refuses_fewer_devices_than_torchrun_started(monkeypatch):
+    """Under torchrun a Fabric with devices=1 would make every process a lone rank 0 writing the same files."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(UserError, match=r"torchrun started 4 process\(es\) \(2 per node\).*"
+                                        r"set fabric.devices=2 fabric.num_nodes=2"):
+        make_fabric(FabricConfig(devices=1, precision="32-true"))
+
+
+def test_cuda_devices_that_do_not_exist_are_refused():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(UserError, match=r"fabric.devices=2 but 0 CUDA device\(s\) exist"):
+        make_fabric(FabricConfig(accelerator="cuda", devices=2))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torchrun: both ranks observed
+
+
+@pytest.fixture(scope="module")
+def torchrun_ranks(tmp_path_factory):
+    """Stage 1 for 8 steps under torchrun with 2 processes; restarts after 2 idle steps so the k-means init,
+    EMA all-reduce and restart broadcast all run. Returns (per-rank records, run folder, process)."""
+    base = tmp_path_factory.mktemp("torchrun")
+    out, run_dir = base / "ranks.json", base / "run"
+    proc = run_cmd(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tests.mp_helper",
+                    str(run_dir), str(out), "stage1.max_steps=8", "stage1.checkpoint_every=4",
+                    "stage1.eval_every=4", "vqvae.restart_after=2"])
+    assert proc.returncode == 0
+    return json.loads(out.read_text()), run_dir, proc
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_hold_identical_weights_and_codebooks(torchrun_ranks):
+    ranks, _, _ = torchrun_ranks
+    assert [(r["rank"], r["world"], r["env_rank"], r["torchelastic"]) for r in ranks] == \
+        [(0, 2, "0", True), (1, 2, "1", True)]
+    a, b = ranks
+    # every tensor of the final state: parameters, codebooks, EMA counts and sums, restart counters
+    assert {k for k in a["hashes"] if k.startswith("quantizers.")} >= {
+        f"quantizers.{i}.{name}" for i in range(2) for name in ("codebook", "ema_count", "ema_sum", "unused_steps")}
+    assert a["hashes"] == b["hashes"]
+    # at the start of every step, before DDP's forward re-broadcasts buffers from rank 0
+    assert len(a["steps"]) == len(b["steps"]) == 8 and a["steps"] == b["steps"]
+    # ... while every step the two ranks trained on different images (the data is sharded)
+    assert all(x != y for x, y in zip(a["batches"], b["batches"]))
+
+
+@pytest.mark.slow
+def test_torchrun_run_folder_is_written_once_by_rank_zero(torchrun_ranks):
+    _, run_dir, proc = torchrun_ranks
+    assert files(run_dir) == ["config.yaml", "stage1/best.ckpt", "stage1/last.ckpt",
+                              "stage1/logs/version_0/metrics.csv", "stage1/reconstructions.png"]
+    assert load_checkpoint(run_dir / "stage1" / "last.ckpt")["step"] == 8
+    assert proc.stdout.count("stage 1 done") == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# real stage commands with fabric.devices=2
+
+
+@pytest.fixture(scope="module")
+def resume_chain(smoke_run, tmp_path_factory):
+    """A 1-process checkpoint (smoke_run, step 20) continued by 2 processes until Ctrl-C (SIGINT to the process
+    the user started, rank 0) after their first checkpoint; then continued by 1 process (in this pytest
+    process) in the test below."""
+    run_dir = copy_run(smoke_run, tmp_path_factory.mktemp("chain") / "run", parts=("config.yaml", "stage1"))
+    before = set(files(run_dir))
+    last = run_dir / "stage1" / "last.ckpt"
+    first = last.stat().st_mtime_ns
+    cmd = [sys.executable, "-m", "stages.stage1", "--config", SMOKE, "--run", str(run_dir), "fabric.devices=2",
+           *CHAIN]
+    with open(run_dir.parent / "out.txt", "w") as out, open(run_dir.parent / "err.txt", "w") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=out, stderr=err)
+        t0 = time.monotonic()
+        while last.stat().st_mtime_ns == first:  # the first checkpoint of the 2-process run (atomic rename)
+            assert proc.poll() is None and time.monotonic() - t0 < TIMEOUT
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(TIMEOUT)
+    stdout, stderr = (run_dir.parent / "out.txt").read_text(), (run_dir.parent / "err.txt").read_text()
+    return run_dir, code, stdout, stderr, before, set(files(run_dir))
+
+
+CHAIN = ["stage1.max_steps=400", "stage1.checkpoint_every=10", "stage1.eval_every=1000"]
+
+
+@pytest.mark.slow
+def test_checkpoint_of_one_process_resumes_in_two_and_ctrl_c_stops_both(resume_chain):
+    run_dir, code, out, err, before, after = resume_chain
+    last = run_dir / "stage1" / "last.ckpt"
+    # 130 from rank 0; Lightning's launcher may SIGKILL rank 0 once rank 1 has exited with 130 (after the save)
+    assert code in (130, -signal.SIGKILL), (out, err)
+    assert out.count(f"stage 1: resuming from {last} at step 20") == 1  # printed by rank 0 only
+    step = load_checkpoint(last)["step"]
+    assert 30 <= step < 400
+    assert out.count(f"stage 1: interrupted; saved {last} at step {step}; run again to resume") == 1
+    assert "Traceback" not in err
+    # only rank 0 wrote: one new log version, no duplicates, nothing temporary
+    assert after - before == {"stage1/logs/version_1/metrics.csv"}
+    assert leftovers(run_dir) == []
+
+
+@pytest.mark.slow
+def test_checkpoint_of_two_processes_resumes_in_one(resume_chain, capsys):
+    run_dir = resume_chain[0]
+    step = load_checkpoint(run_dir / "stage1" / "last.ckpt")["step"]
+    assert run(stage1, run_dir, *CHAIN[1:], f"stage1.max_steps={step + 5}") == 0
+    assert f"resuming from {run_dir / 'stage1' / 'last.ckpt'} at step {step}" in capsys.readouterr().out
+    ckpt = load_checkpoint(run_dir / "stage1" / "last.ckpt")
+    assert ckpt["step"] == step + 5 and np.isfinite(ckpt["metrics"]["mse"])
+    assert leftovers(run_dir) == []
+
+
+@pytest.mark.slow
+def test_stage2_with_two_processes(smoke_run, tmp_path):
+    run_dir = copy_run(smoke_run, tmp_path / "run", parts=("config.yaml", "stage1"))
+    proc = torchrun_stage("stage2", run_dir, "stage2.max_steps=10")
+    assert proc.returncode == 0
+    assert proc.stdout.count("stage 2 done: top prior") == 1 and proc.stdout.count("stage 2 done: bottom prior") == 1
+    manifest = json.loads((run_dir / "codes" / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["n"] == 540
+    for level in ("top", "bottom"):
+        ckpt = load_checkpoint(run_dir / "stage2" / level / "last.ckpt")
+        assert ckpt["step"] == 10 and np.isfinite(ckpt["metrics"]["nll_bits"])
+    summary = json.loads((run_dir / "stage2" / "summary.json").read_text())
+    assert set(summary["levels"]) == {"top", "bottom"}
+    assert [f for f in files(run_dir / "stage2") if "logs" in f] == ["logs/version_0/metrics.csv"]
+    assert leftovers(run_dir) == []
+
+
+@pytest.fixture(scope="module")
+def two_process_samples(smoke_run, tmp_path_factory):
+    run_dir = copy_run(smoke_run, tmp_path_factory.mktemp("sample2") / "run",
+                       parts=("config.yaml", "stage1", "codes", "stage2"))
+    proc = torchrun_stage("sample", run_dir)
+    return run_dir, proc
+
+
+@pytest.mark.slow
+def test_sampling_with_two_processes_gives_the_same_images(smoke_run, two_process_samples):
+    run_dir, proc = two_process_samples
+    assert proc.returncode == 0 and proc.stdout.count("sample: 40 images") == 1
+    with np.load(smoke_run / "samples" / "samples.npz") as one, np.load(run_dir / "samples" / "samples.npz") as two:
+        assert sorted(one.files) == sorted(two.files)
+        for key in one.files:
+            assert np.array_equal(one[key], two[key]), key
+    assert files(run_dir / "sampler") == ["README.md", "config.json", "model.safetensors"]
+    assert (run_dir / "samples" / "grid.png").is_file()
+    assert leftovers(run_dir) == []
+
+
+@pytest.mark.slow
+def test_evaluation_with_two_processes_gives_the_same_numbers(two_process_samples, tmp_path):
+    run2, proc = two_process_samples
+    assert proc.returncode == 0
+    run1 = copy_run(run2, tmp_path / "one")  # the same samples, evaluated by one process (in this process)
+    assert run(evaluate, run1) == 0
+    two = torchrun_stage("evaluate", run2)
+    assert two.returncode == 0
+    a = json.loads((run1 / "eval" / "report.json").read_text())
+    b = json.loads((run2 / "eval" / "report.json").read_text())
+
+    def numbers(report, prefix=""):
+        out = {}
+        for k, v in report.items():
+            if k == "eval_seconds":
+                continue
+            if isinstance(v, dict):
+                out.update(numbers(v, f"{prefix}{k}."))
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[prefix + k] = float(v)
+        return out
+
+    na, nb = numbers(a), numbers(b)
+    assert set(na) == set(nb) and {"fid", "precision", "recall", "real_floor.fid", "recon.rfid"} <= set(na)
+    for key in na:
+        assert nb[key] == pytest.approx(na[key], rel=1e-5, abs=1e-6), key
+    # the classifier was trained once, by rank 0, and cached; every file written once
+    assert files(run2 / "eval") == ["classifier.ckpt", "codebook_usage.png", "reconstructions.png", "report.json",
+                                    "report.md"]
+    assert two.stdout.count("domain classifier: held-out accuracy") == 1
+    assert leftovers(run2) == []
