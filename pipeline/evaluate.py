@@ -235,6 +235,8 @@ def _fmt(v: Any) -> str:
         return f"{v['mean']:.3f} ± {v['std']:.3f}"
     if isinstance(v, float):
         return f"{v:.4g}" if math.isfinite(v) else str(v)
+    if isinstance(v, str) and v.startswith("unavailable"):
+        return "unavailable (no classifier head)"
     return str(v)
 
 
