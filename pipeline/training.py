@@ -55,6 +55,10 @@ def make_fabric(cfg: FabricConfig, loggers: list | None = None, launch: bool = T
     strategy = cfg.strategy
     if strategy == "auto" and (cfg.devices > 1 or cfg.num_nodes > 1):
         strategy = "ddp"
+    if strategy == "fsdp":  # full (consolidated) state dicts: one checkpoint file that every stage can load
+        from lightning_fabric.strategies import FSDPStrategy
+
+        strategy = FSDPStrategy(state_dict_type="full")
     fabric = Fabric(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=strategy,
                     precision=cfg.precision, loggers=loggers or [])
     if launch and not os.environ.get("LT_CLI_USED"):
