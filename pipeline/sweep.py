@@ -44,12 +44,15 @@ def sweep_plot(path: Path, results: list[dict], floor: dict) -> None:
                 label=f"varying {kind.replace('_', '-')}")
         for r in pts:
             ax.annotate(f"{'T' if kind == 'temperature' else 'p'}={r[kind]:g}\nFID {r['fid']:.3g}",
-                        (r["recall"], r["precision"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
+                        (r["recall"], r["precision"]), textcoords="offset points",
+                        xytext=(6, -18 if kind == "top_p" else 4), fontsize=7)
     ax.scatter([floor["recall"]], [floor["precision"]], marker="*", s=140, color="black", label="real held-out")
     ax.set_xlabel("recall (diversity)")
     ax.set_ylabel("precision (quality)")
-    ax.set_xlim(0, 1.05)
-    ax.set_ylim(0, 1.05)
+    xs = [r["recall"] for r in results] + [floor["recall"]]
+    ys = [r["precision"] for r in results] + [floor["precision"]]
+    ax.set_xlim(max(0.0, min(xs) - 0.08), min(1.02, max(xs) + 0.08))  # zoom on the points, labels need room
+    ax.set_ylim(max(0.0, min(ys) - 0.08), min(1.02, max(ys) + 0.08))
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
     ax.set_title("Truncation trade-off: precision vs recall")
