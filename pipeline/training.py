@@ -315,10 +315,8 @@ def fit(fabric, task: Task, tcfg: TrainConfig, out_dir: Path, fresh: bool = Fals
                 fabric.print(f"\n{desc}: interrupted; saved {last} at step {step}; run again to resume")
                 saved_on_stop = True
                 raise KeyboardInterrupt
-        if task.validate is None or not task.best_metric:
-            pass
-        elif not (out_dir / "best.ckpt").exists():
-            checkpoint(out_dir / "best.ckpt")
+        if task.validate is not None and task.best_metric and not (out_dir / "best.ckpt").exists():
+            checkpoint(out_dir / "best.ckpt")  # e.g. a resumed run whose best was never written
     except KeyboardInterrupt:
         bar.close()
         if not saved_on_stop:  # a second Ctrl-C: the state may be mid-step, keep the last checkpoint
