@@ -79,16 +79,31 @@ def _sq_dists(a: torch.Tensor, a_sq: torch.Tensor, b: torch.Tensor, b_sq: torch.
     return d2.clamp_(min=0)
 
 
+def _merge_smallest(best: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
+    """The k smallest of each row of best (R, k) and candidates (R, c), unsorted, (R, k)."""
+    return torch.topk(torch.cat([best, candidates], dim=1), k, dim=1, largest=False, sorted=False).values
+
+
 def _kth_nn_sq_radii(x: torch.Tensor, x_sq: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
-    """Squared distance from each row of x to its k-th nearest other row of x, (N,)."""
+    """Squared distance from each row of x to its k-th nearest other row of x, (N,).
+
+    The distance matrix is symmetric, so only the blocks on and above the diagonal are computed: the block of
+    rows [i0, i1) against columns [i0, N) gives its rows their candidates among those columns, and (read by
+    column) gives rows [i1, N) their candidates among rows [i0, i1). That halves the matrix products of a
+    full pass. A running top-k per row merges the candidates; the k-th smallest is exact whatever the order.
+    """
     n = x.shape[0]
-    radii = torch.empty(n, dtype=x.dtype, device=x.device)
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        d2 = _sq_dists(x[start:stop], x_sq[start:stop], x, x_sq)  # (c, N)
-        d2.diagonal(offset=start).fill_(float("inf"))  # entry (r, start + r) is the point itself: exclude it
-        radii[start:stop] = torch.topk(d2, k, dim=1, largest=False, sorted=True).values[:, -1]
-    return radii
+    best = torch.full((n, k), float("inf"), dtype=x.dtype, device=x.device)  # k smallest so far, per row
+    for i0 in range(0, n, chunk):
+        i1 = min(i0 + chunk, n)
+        d2 = _sq_dists(x[i0:i1], x_sq[i0:i1], x[i0:], x_sq[i0:])  # (c, N - i0): rows i0:i1 vs columns i0:N
+        d2.diagonal().fill_(float("inf"))  # entry (r, r) is the point i0 + r itself: exclude it
+        rows = torch.topk(d2, min(k, n - i0), dim=1, largest=False, sorted=False).values  # (c, <=k)
+        best[i0:i1] = _merge_smallest(best[i0:i1], rows, k)
+        if i1 < n:  # the same block by column: rows i0:i1 are candidates of the points i1:N
+            cols = torch.topk(d2[:, i1 - i0 :], min(k, i1 - i0), dim=0, largest=False, sorted=False).values
+            best[i1:] = _merge_smallest(best[i1:], cols.T, k)  # cols: (<=k, N - i1) -> (N - i1, <=k)
+    return best.amax(dim=1)  # the largest of the k smallest is the k-th smallest
 
 
 @torch.no_grad()
@@ -152,10 +167,12 @@ def precision_recall(
     chunk = int(chunk_size)
 
     with _full_precision_matmul(device):
-        real_sq = real.square().sum(dim=1)  # (N,)
-        fake_sq = fake.square().sum(dim=1)  # (M,)
-        real_r2 = _kth_nn_sq_radii(real, real_sq, k, chunk)  # (N,) squared radii r_i^2
-        fake_r2 = _kth_nn_sq_radii(fake, fake_sq, k, chunk)  # (M,) squared radii s_j^2
+        real_sq = torch.einsum("nd,nd->n", real, real)  # (N,) squared norms, no (N, D) temporary
+        fake_sq = torch.einsum("md,md->m", fake, fake)  # (M,)
+        # Within-set blocks cover a triangle: smaller blocks waste less on the diagonal (at least 256 rows, so
+        # each product stays large enough to run near peak speed).
+        real_r2 = _kth_nn_sq_radii(real, real_sq, k, min(chunk, max(256, -(-n // 16))))  # (N,) radii r_i^2
+        fake_r2 = _kth_nn_sq_radii(fake, fake_sq, k, min(chunk, max(256, -(-m // 16))))  # (M,) radii s_j^2
 
         precise_fakes = torch.zeros((), dtype=torch.int64, device=device)  # #j with Y_j in some real ball
         density_count = torch.zeros((), dtype=torch.int64, device=device)  # #(j, i) with Y_j in ball of X_i
