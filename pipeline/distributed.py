@@ -38,18 +38,29 @@ def gather_rows(fabric, arrays: list[np.ndarray], num: int) -> list[np.ndarray] 
     return out if rank == 0 else None
 
 
-def rank_zero_first(fabric, fn: Callable[[], Any]) -> Any:
-    """``fn()`` on rank 0 first (it may write a file, e.g. a cache), then on the other ranks (which can read it).
-    A UserError on rank 0 is raised on every rank, instead of leaving the others waiting for it."""
+def on_rank_zero(fabric, fn: Callable[[], Any]) -> Any:
+    """``fn()`` on rank 0 only (others get None), with its failure shared: if ``fn`` raises on rank 0, every
+    other rank raises a UserError that says so, instead of waiting for rank 0 at the next collective (a
+    timeout, or a gloo/NCCL traceback that hides the cause). Rank 0 re-raises its own exception unchanged."""
     if fabric.world_size == 1:
         return fn()
-    result, message = None, None
+    result, message, failure = None, None, None
     if fabric.global_rank == 0:
         try:
             result = fn()
-        except UserError as err:
-            message = str(err)
+        except Exception as err:  # noqa: BLE001 - shared with the other ranks, then re-raised as is
+            failure = err
+            message = str(err) if isinstance(err, UserError) else f"rank 0 failed: {type(err).__name__}: {err}"
     message = fabric.broadcast(message, src=0)
+    if failure is not None:
+        raise failure
     if message is not None:
         raise UserError(message)
+    return result
+
+
+def rank_zero_first(fabric, fn: Callable[[], Any]) -> Any:
+    """``fn()`` on rank 0 first (it may write a file, e.g. a cache), then on the other ranks (which can read it).
+    A failure on rank 0 is raised on every rank (see ``on_rank_zero``)."""
+    result = on_rank_zero(fabric, fn)
     return result if fabric.global_rank == 0 else fn()

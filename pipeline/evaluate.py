@@ -23,7 +23,7 @@ import torch
 from pipeline.codes import CodeSet, load_manifest
 from pipeline.config import Config
 from pipeline.data import ImageSet, load_image_data, to_float, to_uint8
-from pipeline.distributed import gather_rows, rank_zero_first, shard_indices
+from pipeline.distributed import gather_rows, on_rank_zero, rank_zero_first, shard_indices
 from pipeline.images import save_grid
 from pipeline.io import UserError, atomic_write_text
 from pipeline.metrics import fid_from_features, inception_score_from_logits, precision_recall
@@ -197,37 +197,36 @@ def run_evaluate(cfg: Config, run_dir: Path) -> dict | None:
         if level > 0:
             nll[f"{name}_shuffled_{names[level - 1]}"] = heldout_nll_bits(
                 fabric, prior, codes_holdout, level, prior.num_classes, shuffle_cond=True)
-    if fabric.global_rank != 0:
-        fabric.barrier()
-        return None
 
-    model_q = quality(f_ref, f_fake, l_fake, e.k)
-    floor_q = quality(f_ref, f_held, l_held, e.k)
-    settings = json.loads(str(samples["settings"])) if "settings" in samples else {}
-    report: dict[str, Any] = {
-        **model_q,
-        "num_samples": int(n),
-        "feature_extractor": extractor.name,
-        **extractor_info,
-        "k": e.k,
-        "real_floor": floor_q,
-        "recon": {"mse": recon_stats["mse"], "psnr": recon_stats["psnr"], "rfid": fid_from_features(f_held, f_rec)},
-        "codebook": {name: {"usage": recon_stats[f"usage_{name}"], "perplexity": recon_stats[f"perplexity_{name}"]}
-                     for name in names},
-        "prior_nll_bits": nll,
-        "sampling": {k: settings.get(k) for k in ("temperature", "top_k", "top_p", "guidance", "labels", "seed")},
-        "eval_seconds": None,
-    }
-    # pictures
-    save_grid(out_dir / "reconstructions.png", torch.cat([held[:16], recon[:16]]), nrow=16)
-    usage_plot(out_dir / "codebook_usage.png", code_histograms(vqvae, data.holdout, fabric.device))
-    report["eval_seconds"] = round(time.perf_counter() - t0, 1)
-    atomic_write_text(out_dir / "report.json", json.dumps(report, indent=1))
-    atomic_write_text(out_dir / "report.md", report_markdown(report, run_dir))
-    log(summary_table(report))
-    log(f"evaluate: {out_dir / 'report.json'}, {out_dir / 'report.md'} ({report['eval_seconds']} s)")
-    fabric.barrier()
-    return report
+    def write_report() -> dict:  # rank 0 only: the metrics, pictures and report files
+        model_q = quality(f_ref, f_fake, l_fake, e.k)
+        floor_q = quality(f_ref, f_held, l_held, e.k)
+        settings = json.loads(str(samples["settings"])) if "settings" in samples else {}
+        report: dict[str, Any] = {
+            **model_q,
+            "num_samples": int(n),
+            "feature_extractor": extractor.name,
+            **extractor_info,
+            "k": e.k,
+            "real_floor": floor_q,
+            "recon": {"mse": recon_stats["mse"], "psnr": recon_stats["psnr"], "rfid": fid_from_features(f_held, f_rec)},
+            "codebook": {name: {"usage": recon_stats[f"usage_{name}"], "perplexity": recon_stats[f"perplexity_{name}"]}
+                         for name in names},
+            "prior_nll_bits": nll,
+            "sampling": {k: settings.get(k) for k in ("temperature", "top_k", "top_p", "guidance", "labels", "seed")},
+            "eval_seconds": None,
+        }
+        # pictures
+        save_grid(out_dir / "reconstructions.png", torch.cat([held[:16], recon[:16]]), nrow=16)
+        usage_plot(out_dir / "codebook_usage.png", code_histograms(vqvae, data.holdout, fabric.device))
+        report["eval_seconds"] = round(time.perf_counter() - t0, 1)
+        atomic_write_text(out_dir / "report.json", json.dumps(report, indent=1))
+        atomic_write_text(out_dir / "report.md", report_markdown(report, run_dir))
+        log(summary_table(report))
+        log(f"evaluate: {out_dir / 'report.json'}, {out_dir / 'report.md'} ({report['eval_seconds']} s)")
+        return report
+
+    return on_rank_zero(fabric, write_report)  # a failure there stops every rank with its message
 
 
 def _fmt(v: Any) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import Config
-from pipeline.distributed import gather_rows, shard_indices
+from pipeline.distributed import gather_rows, on_rank_zero, shard_indices
 from pipeline.images import save_grid
 from pipeline.io import atomic_savez
 from pipeline.sampler import Sampler, Samples
@@ -46,8 +46,7 @@ def run_sample(cfg: Config, run_dir: Path) -> Samples | None:
     settings = sampling_settings(cfg)
     s = cfg.sample
     sampler.resolve_labels(s.labels, [0], s.seed)  # bad labels fail here, before anything is written
-    if fabric.global_rank == 0:
-        sampler.save_pretrained(run_dir / "sampler", settings)
+    on_rank_zero(fabric, lambda: sampler.save_pretrained(run_dir / "sampler", settings))
     indices = shard_indices(s.num, fabric.global_rank, fabric.world_size)
     start = time.perf_counter()
     part = sampler.generate_samples(len(indices), s.temperature, s.top_k, s.top_p, s.labels, s.guidance, s.seed,
@@ -55,7 +54,8 @@ def run_sample(cfg: Config, run_dir: Path) -> Samples | None:
     gathered = gather_rows(fabric, [part.images, part.labels, *part.codes], s.num)
     samples = None if gathered is None else Samples(images=gathered[0], labels=gathered[1], codes=gathered[2:])
     elapsed = time.perf_counter() - start
-    if fabric.global_rank == 0:
+
+    def write() -> None:  # rank 0 only
         out = run_dir / "samples"
         arrays = {f"codes_{n}": c for n, c in zip(sampler.level_names, samples.codes)}
         atomic_savez(out / "samples.npz", images=samples.images, labels=samples.labels,
@@ -65,5 +65,6 @@ def run_sample(cfg: Config, run_dir: Path) -> Samples | None:
         save_grid(out / "grid.png", grid)
         fabric.print(f"sample: {s.num} images in {elapsed:.1f} s ({s.num / elapsed:.0f} img/s) -> {out}/samples.npz, "
                      f"{out}/grid.png; sampler exported to {run_dir / 'sampler'}")
-    fabric.barrier()
+
+    on_rank_zero(fabric, write)  # a failure there stops every rank with its message
     return samples

@@ -10,6 +10,7 @@ import torch
 
 from pipeline.config import Config, config_from_dict, save_config
 from pipeline.data import ImageData, ImageSet, load_image_data, to_float, to_uint8
+from pipeline.distributed import on_rank_zero
 from pipeline.images import save_grid
 from pipeline.io import UserError, load_checkpoint
 from pipeline.training import Task, fit, make_fabric, make_loggers
@@ -108,8 +109,8 @@ def run_stage1(cfg: Config, run_dir: Path, fresh: bool = False) -> dict[str, flo
                          "use --fresh (make stage1 ARGS=--fresh) to retrain, or another RUN folder")
     data: ImageData = load_image_data(cfg.data)
     fabric = make_fabric(cfg.fabric, loggers=make_loggers(out_dir))
+    on_rank_zero(fabric, lambda: save_config(cfg, run_dir / "config.yaml"))
     if fabric.global_rank == 0:
-        save_config(cfg, run_dir / "config.yaml")
         fabric.print(f"stage 1: {len(data.train)} train / {len(data.holdout)} held-out images, "
                      f"{data.image_size}px x {data.channels}ch; run folder {run_dir}")
     torch.manual_seed(cfg.stage1.seed)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from pipeline.codes import CodeSet, extract_codes, load_manifest
 from pipeline.config import Config
 from pipeline.data import load_image_data
+from pipeline.distributed import on_rank_zero
 from pipeline.io import UserError, atomic_write_text, load_checkpoint
 from pipeline.priors import Prior, prior_from_spec, prior_spec
 from pipeline.stage1 import level_names, load_vqvae
@@ -88,13 +89,15 @@ def run_stage2(cfg: Config, run_dir: Path, fresh: bool = False) -> dict:
     names = level_names(vqvae.levels)
     fabric = make_fabric(cfg.fabric, loggers=make_loggers(run_dir / "stage2"))
     codes_dir = run_dir / "codes"
-    if fabric.global_rank == 0:
+
+    def extract() -> None:  # rank 0 writes the codes; the others read them once it is done
         data = load_image_data(cfg1.data)  # stage 1's data settings, from its checkpoint
         num_classes = load_checkpoint(stage1_path)["meta"].get("num_classes", 0)
         extract_codes(vqvae.to(fabric.device), stage1_path, data.train, data.holdout, codes_dir, num_classes, names,
                       cfg1.data.image_size, cfg.stage2.extract_batch_size, cfg.stage2.shard_size, fabric.device,
                       log=fabric.print)
-    fabric.barrier()
+
+    on_rank_zero(fabric, extract)  # its broadcast is the barrier; a failure on rank 0 stops every rank clearly
     manifest = load_manifest(codes_dir)
     train, holdout = CodeSet(codes_dir, "train", manifest), CodeSet(codes_dir, "holdout", manifest)
     num_classes = manifest["num_classes"] if cfg.prior.class_conditional else 0

@@ -12,7 +12,7 @@ import torch
 
 from pipeline.config import Config
 from pipeline.data import load_image_data
-from pipeline.distributed import shard_indices
+from pipeline.distributed import on_rank_zero, rank_zero_first, shard_indices
 from pipeline.evaluate import _save_fig, features_of, make_extractor, reference_pixels
 from pipeline.io import atomic_write_text
 from pipeline.metrics import fid_from_features, precision_recall
@@ -68,7 +68,8 @@ def run_sweep(cfg: Config, run_dir: Path) -> list[dict] | None:
     fabric = make_fabric(cfg.fabric)
     sampler = sampler.to(fabric.device)
     data = load_image_data(cfg1.data)
-    extractor, _ = make_extractor(cfg, run_dir, data, log=fabric.print)
+    # rank 0 trains (or loads) and caches the domain classifier, then the others load that file
+    extractor, _ = rank_zero_first(fabric, lambda: make_extractor(cfg, run_dir, data, log=fabric.print))
     extractor.module.to(fabric.device)
     e, s = cfg.evaluate, cfg.sample
     n = min(e.sweep_num, len(data.train), len(data.holdout))
@@ -88,15 +89,17 @@ def run_sweep(cfg: Config, run_dir: Path) -> list[dict] | None:
             results.append(r)
             fabric.print(f"sweep: T={r['temperature']:g} top_p={r['top_p']:g}: FID {r['fid']:.3g}, precision "
                          f"{r['precision']:.3f}, recall {r['recall']:.3f}")
-    if fabric.global_rank == 0:
+
+    def write() -> list[dict]:  # rank 0 only
         floor = {"fid": fid_from_features(f_ref, f_held), **precision_recall(f_ref, f_held, k=e.k)}
         out = run_dir / "eval"
         atomic_write_text(out / "sweep.json", json.dumps({"num": n, "k": e.k, "real_floor": floor,
                                                           "results": results}, indent=1))
         sweep_plot(out / "sweep.png", results, floor)
         fabric.print(f"sweep: {out / 'sweep.json'}, {out / 'sweep.png'} ({time.perf_counter() - t0:.0f} s)")
-    fabric.barrier()
-    return results if fabric.global_rank == 0 else None
+        return results
+
+    return on_rank_zero(fabric, write)  # a failure there stops every rank with its message
 
 
 def _gathered_features(fabric, extractor, local_pixels: torch.Tensor, n: int, batch_size: int):

@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.config import FabricConfig, TrainConfig
+from pipeline.distributed import on_rank_zero
 from pipeline.io import UserError, load_checkpoint
 
 
@@ -151,12 +152,14 @@ def save_checkpoint(fabric, path: Path, state: dict[str, Any]) -> None:
     """Atomic: every rank joins ``fabric.save`` to a temporary name, then rank 0 renames it."""
     tmp = path.with_name(f".{path.name}.tmp")  # a stale one from a killed run is simply overwritten
     fabric.save(tmp, state)
-    if fabric.global_rank == 0:
+
+    def publish() -> None:  # rank 0 only
         if tmp.is_file():  # on disk before the rename, so a crash of the machine cannot leave an empty file
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
-    fabric.barrier()
+
+    on_rank_zero(fabric, publish)  # the other ranks wait for the rename, and stop too if it fails
 
 
 class _StopOnInterrupt:

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from pipeline.config import FabricConfig
+from pipeline.distributed import on_rank_zero, rank_zero_first
 from pipeline.io import UserError, load_checkpoint
 from pipeline.training import StepSampler, make_fabric
 from stages import evaluate, stage1
@@ -133,6 +134,50 @@ def test_cuda_devices_that_do_not_exist_are_refused():
         pytest.skip("this machine has CUDA")
     with pytest.raises(UserError, match=r"fabric.devices=2 but 0 CUDA device\(s\) exist"):
         make_fabric(FabricConfig(accelerator="cuda", devices=2))
+
+
+class FakeRank:
+    """The part of Fabric that ``on_rank_zero`` uses, for one rank of two; ``broadcast`` hands rank 1 what rank 0
+    sent (run rank 0 first)."""
+
+    sent: list = []
+
+    def __init__(self, rank: int) -> None:
+        self.global_rank, self.world_size = rank, 2
+
+    def broadcast(self, obj, src=0):
+        if self.global_rank == 0:
+            FakeRank.sent.append(obj)
+            return obj
+        return FakeRank.sent.pop()
+
+
+@pytest.mark.parametrize("error", [UserError("no images in /data"), OSError(28, "No space left on device")])
+def test_failure_on_rank_zero_is_raised_on_every_rank(error):
+    calls = []
+
+    def fn():
+        calls.append(1)
+        raise error
+
+    with pytest.raises(type(error)) as got0:  # rank 0: its own exception, unchanged
+        on_rank_zero(FakeRank(0), fn)
+    assert got0.value is error
+    with pytest.raises(UserError) as got1:  # rank 1: a one-line error that names rank 0's
+        on_rank_zero(FakeRank(1), fn)
+    expected = "no images in /data" if isinstance(error, UserError) else \
+        "rank 0 failed: OSError: [Errno 28] No space left on device"
+    assert str(got1.value) == expected
+    assert len(calls) == 1  # only rank 0 ran fn
+
+
+def test_rank_zero_first_runs_on_rank_zero_then_the_others():
+    order = []
+    assert rank_zero_first(FakeRank(0), lambda: order.append(0) or "a") == "a"
+    assert rank_zero_first(FakeRank(1), lambda: order.append(1) or "b") == "b"
+    assert on_rank_zero(FakeRank(0), lambda: order.append(2) or "c") == "c"
+    assert on_rank_zero(FakeRank(1), lambda: order.append(3) or "d") is None
+    assert order == [0, 1, 2]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -249,6 +294,20 @@ def test_stage2_with_two_processes(smoke_run, tmp_path):
     assert set(summary["levels"]) == {"top", "bottom"}
     assert [f for f in files(run_dir / "stage2") if "logs" in f] == ["logs/version_0/metrics.csv"]
     assert leftovers(run_dir) == []
+
+
+@pytest.mark.slow
+def test_stage2_failure_on_rank_zero_stops_both_ranks_with_its_message(smoke_run, tmp_path):
+    """Rank 0 extracts the codes alone; when that fails, rank 1 must stop with rank 0's reason, not wait for it or
+    die in a gloo collective."""
+    run_dir = copy_run(smoke_run, tmp_path / "run", parts=("config.yaml", "stage1"))
+    (run_dir / "codes").write_text("a file where the codes folder goes")
+    proc = torchrun_stage("stage2", run_dir, "stage2.max_steps=2")
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert f"rank 0 failed: FileExistsError: [Errno 17] File exists: '{run_dir / 'codes'}'" in out  # rank 1's line
+    assert "[rank1]" not in out  # no traceback from rank 1 (e.g. a gloo "Connection closed by peer")
+    assert not (run_dir / "stage2").exists()
 
 
 @pytest.fixture(scope="module")
