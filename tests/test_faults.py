@@ -294,6 +294,52 @@ def test_third_run_finishes_as_well_as_an_uninterrupted_run(interrupted, tmp_pat
     assert resumed["metrics"]["mse"] == pytest.approx(straight["metrics"]["mse"], rel=1e-6)  # bit-exact on CPU
 
 
+# SIGKILL of a real stage-2 command: two priors trained one after the other, killed while the second one trains
+
+def copy_stage1(src: Path, dst: Path) -> Path:
+    shutil.copytree(src / "stage1", dst / "stage1")
+    shutil.copy2(src / "config.yaml", dst / "config.yaml")
+    return dst
+
+
+S2 = ["stage2.max_steps=400", "stage2.checkpoint_every=25", "stage2.eval_every=1000", "stage2.log_every=25"]
+
+
+@pytest.mark.slow
+def test_stage2_killed_during_the_bottom_prior_resumes_and_matches_an_uninterrupted_run(smoke_run, tmp_path, capsys):
+    run_dir = copy_stage1(smoke_run, tmp_path / "run")
+    cmd = [sys.executable, "-m", "stages.stage2", "--config", SMOKE, "--run", str(run_dir), *S2]
+    with open(tmp_path / "killed.out", "w") as out, open(tmp_path / "killed.err", "w") as err:
+        killed = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=out, stderr=err)
+    bottom = run_dir / "stage2" / "bottom" / "last.ckpt"
+    wait_for_new_checkpoint(killed, bottom)
+    delay = random.uniform(0.0, 0.5)
+    print(f"SIGKILL {delay:.2f} s after the bottom prior's first checkpoint")
+    time.sleep(delay)
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait(60) == -signal.SIGKILL
+    assert step_of(run_dir / "stage2" / "top" / "last.ckpt") == 400  # the top prior had finished
+    step = step_of(bottom)
+    assert 25 <= step < 400 and step % 25 == 0
+    assert all(f.endswith(".tmp") for f in leftovers(run_dir))
+
+    assert run(stage2, run_dir, *S2) == 0  # the same command again
+    out = capsys.readouterr().out
+    assert f"stage 2 top: already finished (400/400 steps) in {run_dir / 'stage2' / 'top'}" in out
+    assert f"stage 2 bottom: resuming from {bottom} at step {step}" in out
+    assert "extracting" not in out  # the codes of the killed run are reused (same stage-1 checkpoint)
+    assert leftovers(run_dir) == []
+
+    straight = copy_stage1(smoke_run, tmp_path / "straight")
+    assert run(stage2, straight, *S2) == 0
+    for level in ("top", "bottom"):
+        a = load_checkpoint(run_dir / "stage2" / level / "last.ckpt")
+        b = load_checkpoint(straight / "stage2" / level / "last.ckpt")
+        print(level, "held-out bits/code: interrupted", a["metrics"]["nll_bits"], "straight", b["metrics"]["nll_bits"])
+        assert a["step"] == b["step"] == 400
+        assert a["metrics"]["nll_bits"] == pytest.approx(b["metrics"]["nll_bits"], rel=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # damaged, stale or planted checkpoints
 
