@@ -129,9 +129,8 @@ def _large_n(ctx: Context, log_dir: Path, last_ours_time: tuple[int, float] | No
             + (f" > this machine's {machine / GB:.0f} GB" if machine and machine < prdc_peak_bytes(LARGE_N) else ""))
     if ours.get("timed_out"):
         ours_gb: float | str = ours["peak_rss_bytes"] / GB
-        note = (f"ours stopped after {budget:.0f} s: its memory peak (inputs, the N x D temporaries of the squared "
-                f"norms, one 256 MiB distance block) comes in the first seconds; the last pass adds two boolean "
-                f"chunk x N masks, ~0.13 GB"
+        note = (f"ours stopped after {budget:.0f} s: its memory peak (inputs, one 256 MiB distance block) comes in "
+                f"the first seconds; the last pass adds two boolean chunk x N masks, ~0.13 GB"
                 + (f"; full time ~{last_ours_time[1] * (LARGE_N / last_ours_time[0]) ** 2:.0f} s estimated "
                    f"from N={last_ours_time[0]:,} x N^2" if last_ours_time else "") + "; " + note)
     elif "median_s" in ours:
