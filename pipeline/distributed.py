@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -14,6 +14,17 @@ from pipeline.io import UserError
 def shard_indices(num: int, rank: int, world: int) -> list[int]:
     """The items of rank ``rank``: every world-th index, starting at the rank."""
     return list(range(rank, num, world))
+
+
+def shard_batches(num: int, rank: int, world: int, batch_size: int) -> Iterator[tuple[list[int], bool]]:
+    """The rank's items (``shard_indices``) in batches, as ``(indices, real)``, with the same number of batches on
+    every rank: under FSDP every forward pass is a collective, so all ranks must call the model equally often.
+    A rank that runs out early gets ``([0], False)`` batches: run the model on them and discard the result."""
+    mine = shard_indices(num, rank, world)
+    most = len(shard_indices(num, 0, world))  # rank 0 holds the most items
+    for start in range(0, most, batch_size):
+        chunk = mine[start : start + batch_size]
+        yield (chunk, True) if chunk else ([0], False)
 
 
 def gather_rows(fabric, arrays: list[np.ndarray], num: int) -> list[np.ndarray] | None:

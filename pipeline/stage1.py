@@ -10,7 +10,7 @@ import torch
 
 from pipeline.config import Config, config_from_dict, save_config
 from pipeline.data import ImageData, ImageSet, load_image_data, to_float, to_uint8
-from pipeline.distributed import on_rank_zero
+from pipeline.distributed import on_rank_zero, shard_batches
 from pipeline.images import save_grid
 from pipeline.io import UserError, load_checkpoint
 from pipeline.training import Task, fit, make_fabric, make_loggers
@@ -59,16 +59,17 @@ def reconstruction_metrics(fabric, model, holdout: ImageSet, batch_size: int = 2
     """Held-out MSE (on the [-1, 1] scale), PSNR (peak-to-peak 2), codebook usage over the whole pass and the
     perplexity of the pass's code histogram, per level (top first). Sharded over ranks, then summed."""
     rank, world = fabric.global_rank, fabric.world_size
-    idx = list(range(rank, len(holdout), world))
     levels = model.levels if not hasattr(model, "module") else model.module.levels
     k = (model.module if hasattr(model, "module") else model).cfg.codebook_size
     sq_err = torch.zeros((), device=fabric.device, dtype=torch.float64)
     count = torch.zeros((), device=fabric.device, dtype=torch.float64)
     hist = torch.zeros(levels, k, device=fabric.device, dtype=torch.float64)
-    for start in range(0, len(idx), batch_size):
-        pixels, _ = holdout.__getitems__(idx[start : start + batch_size])
+    for idx, real in shard_batches(len(holdout), rank, world, batch_size):
+        pixels, _ = holdout.__getitems__(idx)
         x = to_float(fabric.to_device(pixels))
-        out = model(x)
+        out = model(x)  # every rank runs as many forward passes (FSDP gathers the weights in each)
+        if not real:
+            continue
         sq_err += (out.reconstruction.float() - x).pow(2).sum().double()
         count += x.numel()
         for level, codes in enumerate(out.codes):
@@ -93,11 +94,12 @@ def level_names(levels: int) -> list[str]:
     return ["top"] + [f"middle{i}" for i in range(1, levels - 1)] + ["bottom"]
 
 
-def save_reconstructions(path: Path, model, holdout: ImageSet, n: int, device) -> None:
+def save_reconstructions(fabric, path: Path, model, holdout: ImageSet, n: int) -> None:
+    """Originals over reconstructions; every rank runs the model (a collective under FSDP), rank 0 writes."""
     pixels = holdout.all_pixels(n)
     with torch.no_grad():
-        recon = model(to_float(pixels.to(device))).reconstruction
-    save_grid(path, torch.cat([pixels, to_uint8(recon).cpu()]), nrow=min(n, 16))
+        recon = model(to_float(fabric.to_device(pixels))).reconstruction
+    on_rank_zero(fabric, lambda: save_grid(path, torch.cat([pixels, to_uint8(recon).cpu()]), nrow=min(n, 16)))
 
 
 def run_stage1(cfg: Config, run_dir: Path, fresh: bool = False) -> dict[str, float]:
@@ -132,9 +134,7 @@ def run_stage1(cfg: Config, run_dir: Path, fresh: bool = False) -> dict[str, flo
 
     def validate(fabric, model, step):
         metrics = reconstruction_metrics(fabric, model, data.holdout)
-        if fabric.global_rank == 0:
-            save_reconstructions(out_dir / "reconstructions.png", model, data.holdout, cfg.stage1.grid_images,
-                                 fabric.device)
+        save_reconstructions(fabric, out_dir / "reconstructions.png", model, data.holdout, cfg.stage1.grid_images)
         return metrics
 
     task = Task(model=model, train_set=data.train, training_step=training_step, validate=validate,

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from pipeline.codes import CodeSet, extract_codes, load_manifest
 from pipeline.config import Config
 from pipeline.data import load_image_data
-from pipeline.distributed import on_rank_zero
+from pipeline.distributed import on_rank_zero, shard_batches
 from pipeline.io import UserError, atomic_write_text, load_checkpoint
 from pipeline.priors import Prior, prior_from_spec, prior_spec
 from pipeline.stage1 import level_names, load_vqvae
@@ -42,16 +42,17 @@ def heldout_nll_bits(fabric, prior: Prior, holdout: CodeSet, level: int, num_cla
     """Held-out NLL in bits per code, sharded over ranks and summed. ``shuffle_cond`` pairs every grid with
     the conditioning codes of another image (a check that the conditioning is used)."""
     rank, world = fabric.global_rank, fabric.world_size
-    idx = list(range(rank, len(holdout), world))
     total = torch.zeros((), dtype=torch.float64, device=fabric.device)
     count = torch.zeros((), dtype=torch.float64, device=fabric.device)
-    for start in range(0, len(idx), batch_size):
-        codes, labels = fabric.to_device(holdout.__getitems__(idx[start : start + batch_size]))
+    for idx, real in shard_batches(len(holdout), rank, world, batch_size):
+        codes, labels = fabric.to_device(holdout.__getitems__(idx))
         target, labels, cond = prior_conditions(codes, labels, level, num_classes)
         if shuffle_cond and cond is not None:
             cond = cond.roll(1, dims=0)
-        total += nll_sum(prior, target, labels, cond).double()
-        count += target.numel()
+        nll = nll_sum(prior, target, labels, cond).double()  # on every rank equally often (FSDP)
+        if real:
+            total += nll
+            count += target.numel()
     if world > 1:
         total, count = fabric.all_reduce(total, reduce_op="sum"), fabric.all_reduce(count, reduce_op="sum")
     return float(total / count / LN2)
