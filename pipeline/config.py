@@ -358,8 +358,8 @@ def validate(cfg: Config) -> None:
     _check_choice("fabric.strategy", f.strategy, ("auto", "ddp", "ddp_spawn", "fsdp"))
     _check_choice("fabric.precision", f.precision, ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"))
     _check(f.threads >= 0, "fabric.threads", f.threads, "must be >= 0 (0 = torch's default)")
-    _check(not (f.strategy == "fsdp" and f.accelerator in ("cpu", "mps")), "fabric.strategy", f.strategy,
-           f"Fabric's FSDP runs on GPUs only (fabric.accelerator={f.accelerator}); use fabric.strategy=ddp on CPU")
+    _check(not (f.strategy == "fsdp" and f.accelerator == "mps"), "fabric.strategy", f.strategy,
+           "FSDP does not run on MPS (fabric.accelerator=mps); use fabric.strategy=auto")
 
     _check(1 <= v.levels <= 4, "vqvae.levels", v.levels, "must be 1 to 4")
     _check(v.channels >= 8, "vqvae.channels", v.channels, "must be >= 8")

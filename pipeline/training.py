@@ -57,9 +57,9 @@ def make_fabric(cfg: FabricConfig, loggers: list | None = None, launch: bool = T
     if strategy == "auto" and (cfg.devices > 1 or cfg.num_nodes > 1):
         strategy = "ddp"
     if strategy == "fsdp":  # full (consolidated) state dicts: one checkpoint file that every stage can load
-        from lightning_fabric.strategies import FSDPStrategy
+        from pipeline.fsdp import FullStateFSDP
 
-        strategy = FSDPStrategy(state_dict_type="full")
+        strategy = FullStateFSDP()
     fabric = Fabric(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=strategy,
                     precision=cfg.precision, loggers=loggers or [])
     if launch and not os.environ.get("LT_CLI_USED"):
@@ -148,9 +148,24 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def optimizer_state_by_name(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, Any]:
+    """``optimizer.state_dict()`` with each parameter named by its path in the model (``names``: id(param) ->
+    name) instead of numbered: the form FSDP saves with full state dicts, so a checkpoint moves between
+    strategies and process counts. ``Optimizer.load_state_dict`` matches saved parameters by position, whatever
+    their ids, so both forms load in a non-FSDP run."""
+    sd = optimizer.state_dict()
+    ordered = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    numbers = [i for group in sd["param_groups"] for i in group["params"]]
+    rename = dict(zip(numbers, ordered, strict=True))
+    return {"state": {rename[i]: v for i, v in sd["state"].items()},
+            "param_groups": [{**g, "params": [rename[i] for i in g["params"]]} for g in sd["param_groups"]]}
+
+
 def save_checkpoint(fabric, path: Path, state: dict[str, Any]) -> None:
     """Atomic: every rank joins ``fabric.save`` to a temporary name, then rank 0 renames it."""
     tmp = path.with_name(f".{path.name}.tmp")  # a stale one from a killed run is simply overwritten
+    if fabric.global_rank == 0:  # rank 0 writes the file (DDP, and FSDP with full state dicts)
+        path.parent.mkdir(parents=True, exist_ok=True)  # FSDP's save does not create it
     fabric.save(tmp, state)
 
     def publish() -> None:  # rank 0 only
@@ -191,6 +206,7 @@ def _check_loadable(path: Path) -> None:
 def fit(fabric, task: Task, tcfg: TrainConfig, out_dir: Path, fresh: bool = False, desc: str = "train") -> dict:
     """Train ``task`` to ``tcfg.max_steps`` in ``out_dir`` (checkpoints ``last.ckpt`` and ``best.ckpt``).
     Returns the final held-out metrics (empty if none)."""
+    from lightning_fabric.strategies import FSDPStrategy
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
@@ -210,6 +226,8 @@ def fit(fabric, task: Task, tcfg: TrainConfig, out_dir: Path, fresh: bool = Fals
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, tcfg.warmup_steps, tcfg.max_steps, tcfg.min_lr_ratio)
     )
+    param_names = {id(p): name for name, p in model.named_parameters()}
+    fsdp = isinstance(fabric.strategy, FSDPStrategy)
     model, optimizer = fabric.setup(model, optimizer)
     state: dict[str, Any] = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "step": 0,
                              "best": float("inf"), "rng": _rng_state(), "meta": task.meta, "metrics": {}}
@@ -234,7 +252,10 @@ def fit(fabric, task: Task, tcfg: TrainConfig, out_dir: Path, fresh: bool = Fals
 
     def checkpoint(path: Path) -> None:
         state["rng"] = _rng_state()
-        save_checkpoint(fabric, path, state)
+        if fsdp:  # FSDP's full optimizer state is already keyed by parameter name
+            save_checkpoint(fabric, path, state)
+        else:
+            save_checkpoint(fabric, path, {**state, "optimizer": optimizer_state_by_name(optimizer, param_names)})
 
     bar = tqdm(total=tcfg.max_steps, initial=step0, desc=desc, disable=fabric.global_rank != 0, dynamic_ncols=True,
                unit="step", file=sys.stderr)

@@ -1,0 +1,82 @@
+"""Fabric's FSDP strategy with full (consolidated) checkpoints, also on CPU processes (gloo).
+
+Full state dicts make one checkpoint file that every stage loads, whatever the process count or strategy.
+
+Fabric 2.6 accepts FSDP on GPUs only, but torch's FSDP also runs on CPU over gloo, which is how this project
+tests its FSDP path on machines without GPUs (on CPU it is slower than DDP and only meant for that). Two
+things stand in the way, both handled here and only when the processes run on CPU:
+
+* Fabric wraps the module with ``device_id=None``, and FSDP then looks for an accelerator and fails; the
+  module is wrapped here with ``device_id=cpu`` first (Fabric keeps a module that is already wrapped).
+* Fabric gathers full state dicts with ``offload_to_cpu=True``; for parameters that already live on the
+  CPU, torch 2.13 then clones tensors whose storage was freed by the reshard, and the process segfaults.
+  Saving and loading on CPU gather with ``offload_to_cpu=False`` instead (the tensors are on the CPU anyway).
+
+Fabric's connector refuses ``type(strategy) is FSDPStrategy`` on CPU; a subclass instance passes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from lightning_fabric.strategies import FSDPStrategy
+from lightning_fabric.strategies import fsdp as fabric_fsdp
+
+__all__ = ["FullStateFSDP"]
+
+
+def _full_state_dict_on_cpu(module, world_size: int, rank0_only: bool = True):
+    """Fabric's ``_get_full_state_dict_context`` without the offload to CPU (see the module docstring)."""
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.api import FullOptimStateDictConfig
+
+    return FSDP.state_dict_type(
+        module=module,
+        state_dict_type=StateDictType.FULL_STATE_DICT,
+        state_dict_config=FullStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only),
+        optim_state_dict_config=FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only),
+    )
+
+
+class FullStateFSDP(FSDPStrategy):
+    """``FSDPStrategy(state_dict_type="full")`` that also works when the processes run on CPU."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(state_dict_type="full", **kwargs)
+
+    @property
+    def _on_cpu(self) -> bool:
+        return self.root_device.type == "cpu"
+
+    def setup_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        if self._on_cpu and not any(isinstance(m, FSDP) for m in module.modules()):
+            module = FSDP(module, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
+                          sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"),
+                          **self._fsdp_kwargs)
+        return super().setup_module(module)
+
+    @contextlib.contextmanager
+    def _cpu_state_dicts(self) -> Iterator[None]:
+        if not self._on_cpu:
+            yield
+            return
+        original = fabric_fsdp._get_full_state_dict_context
+        fabric_fsdp._get_full_state_dict_context = _full_state_dict_on_cpu
+        try:
+            yield
+        finally:
+            fabric_fsdp._get_full_state_dict_context = original
+
+    def save_checkpoint(self, *args: Any, **kwargs: Any) -> None:
+        with self._cpu_state_dicts():
+            return super().save_checkpoint(*args, **kwargs)
+
+    def load_checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        with self._cpu_state_dicts():
+            return super().load_checkpoint(*args, **kwargs)
