@@ -141,6 +141,29 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
+def _rank_rng_states(fabric) -> dict[str, torch.Tensor] | None:
+    """Every rank's RNG state as (world, n) uint8 tensors, for a checkpoint (None with one process): ranks draw
+    different random numbers (e.g. class dropout), so a resume with the same world size restores each."""
+    if fabric.world_size == 1:
+        return None
+    states = {"torch": fabric.all_gather(fabric.to_device(torch.get_rng_state())).cpu()}  # (world, n)
+    if fabric.device.type == "cuda":
+        states["cuda"] = fabric.all_gather(fabric.to_device(torch.cuda.get_rng_state(fabric.device))).cpu()
+    return states
+
+
+def _restore_rng(fabric, rank_states: dict[str, torch.Tensor] | None, rank0_state: dict[str, Any]) -> None:
+    """Each rank's own saved RNG state when the checkpoint has them for this world size; else rank 0 takes the
+    saved (rank 0's) state and the other ranks keep their fresh seeds."""
+    rank = fabric.global_rank
+    if rank_states is not None and len(rank_states["torch"]) == fabric.world_size:
+        torch.set_rng_state(rank_states["torch"][rank].clone())
+        if "cuda" in rank_states and fabric.device.type == "cuda":
+            torch.cuda.set_rng_state(rank_states["cuda"][rank].clone(), fabric.device)
+    elif rank == 0:
+        _set_rng_state(rank0_state)
+
+
 def _set_rng_state(state: dict[str, Any]) -> None:
     if "torch" in state:
         torch.set_rng_state(state["torch"])
@@ -231,9 +254,11 @@ def fit(fabric, task: Task, tcfg: TrainConfig, out_dir: Path, fresh: bool = Fals
     model, optimizer = fabric.setup(model, optimizer)
     state: dict[str, Any] = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "step": 0,
                              "best": float("inf"), "rng": _rng_state(), "meta": task.meta, "metrics": {}}
+    rank_rng = None
     if last.exists() and not fresh:
         _check_loadable(last)
-        fabric.load(last, state, weights_only=True)
+        rest = fabric.load(last, state, weights_only=True)  # what is not in ``state``: the per-rank RNG states
+        rank_rng = rest.get("rng_ranks")
         if state["step"] >= tcfg.max_steps:
             fabric.print(f"{desc}: already finished ({state['step']}/{tcfg.max_steps} steps) in {out_dir}; "
                          "use --fresh to start over, or raise max_steps to continue")
@@ -247,15 +272,17 @@ def fit(fabric, task: Task, tcfg: TrainConfig, out_dir: Path, fresh: bool = Fals
     loader = DataLoader(task.train_set, batch_sampler=sampler, collate_fn=_identity,
                         num_workers=task.num_workers, persistent_workers=task.num_workers > 0)
     batches = iter(loader)  # draws a seed from the global RNG: restore the saved state after it
-    if step0 and fabric.global_rank == 0:
-        _set_rng_state(state["rng"])
+    if step0:
+        _restore_rng(fabric, rank_rng, state["rng"])
 
     def checkpoint(path: Path) -> None:
         state["rng"] = _rng_state()
-        if fsdp:  # FSDP's full optimizer state is already keyed by parameter name
-            save_checkpoint(fabric, path, state)
-        else:
-            save_checkpoint(fabric, path, {**state, "optimizer": optimizer_state_by_name(optimizer, param_names)})
+        extra: dict[str, Any] = {}
+        if fabric.world_size > 1:
+            extra["rng_ranks"] = _rank_rng_states(fabric)
+        if not fsdp:  # FSDP's full optimizer state is already keyed by parameter name
+            extra["optimizer"] = optimizer_state_by_name(optimizer, param_names)
+        save_checkpoint(fabric, path, {**state, **extra})
 
     bar = tqdm(total=tcfg.max_steps, initial=step0, desc=desc, disable=fabric.global_rank != 0, dynamic_ncols=True,
                unit="step", file=sys.stderr)

@@ -17,7 +17,7 @@ from pipeline.config import Config, ConfigError, load_config, parse_override
         ("sample.top_p=1.5", "sample.top_p=1.5 is not allowed: must be in (0, 1]"),
         ("sample.temperature=0", "sample.temperature=0.0 is not allowed: must be > 0"),
         ("fabric.devices=0", "fabric.devices=0 is not allowed"),
-        ("fabric.strategy=fsdp fabric.accelerator=mps", "fabric.strategy='fsdp' is not allowed: FSDP does not run on MPS"),
+        ("fabric.strategy=fsdp fabric.accelerator=mps", "fabric.strategy='fsdp' is not allowed: FSDP does not run on"),
         ("prior.top.kind=rnn", "prior.top.kind='rnn' is not allowed: choose one of gpt, pixelcnn"),
         ("data.source=web", "data.source='web' is not allowed"),
         ("evaluate.sweep_temperatures=0.5", "expected a list"),

@@ -222,6 +222,20 @@ def test_torchrun_run_folder_is_written_once_by_rank_zero(torchrun_ranks):
     assert proc.stdout.count("stage 1 done") == 1
 
 
+@pytest.mark.slow
+def test_two_process_resume_is_bit_exact(tmp_path):
+    """Every rank's RNG state is saved and restored: a 2-process run stopped by Ctrl-C and resumed ends with the
+    same weights as one that ran straight, although each rank's loss draws its own random numbers."""
+    out = tmp_path / "resume.json"
+    proc = run_cmd(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                    "tests.mp_resume_helper", str(tmp_path / "run"), str(out)])
+    assert proc.returncode == 0
+    result = json.loads(out.read_text())
+    assert result["stopped_at"] == 3 and result["steps"] == [8, 8]  # stopped after step 3 of 8, then resumed
+    assert result["rng_ranks"] == [2, 5056]  # both ranks' torch RNG states in the checkpoint
+    assert result["equal"]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # real stage commands with fabric.devices=2
 

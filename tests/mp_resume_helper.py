@@ -1,0 +1,70 @@
+"""Helper of tests/test_multiprocess.py, started by torchrun with 2 processes:
+
+    python -m torch.distributed.run --standalone --nproc_per_node=2 -m tests.mp_resume_helper DIR OUT.json
+
+Each rank runs ``fit`` three times on a task whose loss draws from the global RNG on every rank (like class
+dropout): straight to the end; stopped by Ctrl-C (SIGINT on every rank) in the middle; then resumed after
+reseeding (what a fresh process would have). Rank 0 writes whether the resumed weights equal the straight
+run's, bit for bit, and the step where the stop happened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from pipeline.config import FabricConfig, TrainConfig
+from pipeline.io import load_checkpoint
+from pipeline.training import Task, fit, make_fabric
+
+
+def task(ctrl_c_at: int = -1) -> Task:
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(64, 3, generator=g), torch.randn(64, 1, generator=g))
+
+    def training_step(fabric, model, batch, step):
+        x = torch.stack([b[0] for b in batch])
+        y = torch.stack([b[1] for b in batch])
+        if step == ctrl_c_at:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handler runs in between
+        loss = (model(x) - y).pow(2).mean()
+        return loss * (1 + torch.rand(())), {}  # a different random factor on every rank
+
+    torch.manual_seed(0)
+    return Task(model=nn.Linear(3, 1), train_set=data, training_step=training_step, count_units=len)
+
+
+def main() -> None:
+    run, out = Path(sys.argv[1]), Path(sys.argv[2])
+    fabric = make_fabric(FabricConfig(devices=2, precision="32-true", threads=1))
+    tcfg = TrainConfig(max_steps=8, batch_size=4, lr=1e-2, warmup_steps=0, checkpoint_every=100, eval_every=100,
+                       log_every=100, channels_last=False, grad_clip=0)
+    fit(fabric, task(), tcfg, run / "straight")
+    try:
+        fit(fabric, task(ctrl_c_at=2), tcfg, run / "stopped")
+    except KeyboardInterrupt:
+        pass
+    stopped_at = load_checkpoint(run / "stopped" / "last.ckpt")["step"]
+    torch.manual_seed(1234 + fabric.global_rank)  # whatever a new process would start from
+    fit(fabric, task(), tcfg, run / "stopped")
+    if fabric.global_rank == 0:
+        a = load_checkpoint(run / "straight" / "last.ckpt")
+        b = load_checkpoint(run / "stopped" / "last.ckpt")
+        out.write_text(json.dumps({
+            "stopped_at": stopped_at, "steps": [a["step"], b["step"]],
+            "equal": all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]),
+            "rng_ranks": list(b.get("rng_ranks", {}).get("torch", torch.empty(0)).shape)}))
+    fabric.barrier()
+
+
+if __name__ == "__main__":
+    main()
