@@ -55,5 +55,13 @@ def run_main(fn: Callable[[Config, Path, argparse.Namespace], None], parser: arg
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        # Fabric's own launcher SIGKILLs the main process (rank 0) as soon as a child it started exits non-zero,
+        # which would turn rank 0's 130 into 137 while it is still exiting; the children's code reaches no user.
+        return 0 if _child_of_fabric_launcher() else 130
     return 0
+
+
+def _child_of_fabric_launcher() -> bool:
+    """A process started by Fabric's subprocess launcher (not torchrun, ``fabric run`` or SLURM): LOCAL_RANK > 0."""
+    return (os.environ.get("LOCAL_RANK", "0") != "0" and "TORCHELASTIC_RUN_ID" not in os.environ
+            and "SLURM_JOB_ID" not in os.environ)

@@ -270,8 +270,7 @@ CHAIN = ["stage1.max_steps=400", "stage1.checkpoint_every=10", "stage1.eval_ever
 def test_checkpoint_of_one_process_resumes_in_two_and_ctrl_c_stops_both(resume_chain):
     run_dir, code, out, err, before, after = resume_chain
     last = run_dir / "stage1" / "last.ckpt"
-    # 130 from rank 0; Lightning's launcher may SIGKILL rank 0 once rank 1 has exited with 130 (after the save)
-    assert code in (130, -signal.SIGKILL), (out, err)
+    assert code == 130, (out, err)  # rank 0's code; rank 1 exits 0 so that Fabric's launcher does not kill rank 0
     assert out.count(f"stage 1: resuming from {last} at step 20") == 1  # printed by rank 0 only
     step = load_checkpoint(last)["step"]
     assert 30 <= step < 400
