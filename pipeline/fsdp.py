@@ -13,11 +13,17 @@ things stand in the way, both handled here and only when the processes run on CP
   Saving and loading on CPU gather with ``offload_to_cpu=False`` instead (the tensors are on the CPU anyway).
 
 Fabric's connector refuses ``type(strategy) is FSDPStrategy`` on CPU; a subclass instance passes.
+
+Mixed precision: Fabric's FSDP precision casts parameters AND buffers to bf16/fp16. The EMA quantizer keeps
+its codebook statistics in buffers, and an EMA with decay 0.99 cannot be updated in bf16 (8 bits of
+mantissa lose most of each 1% step), so buffers stay in float32 here (``buffer_dtype``). Fabric's FSDP
+autocast is hard-wired to CUDA; on CPU processes the same autocast runs for the CPU device.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -52,9 +58,21 @@ class FullStateFSDP(FSDPStrategy):
     def _on_cpu(self) -> bool:
         return self.root_device.type == "cpu"
 
+    @property
+    def mixed_precision_config(self):
+        """Fabric's settings for the precision, with buffers kept in float32 (the quantizer's EMA statistics)."""
+        config = super().mixed_precision_config
+        if config is not None and config.buffer_dtype is not None and config.buffer_dtype != torch.float32:
+            config = dataclasses.replace(config, buffer_dtype=torch.float32)
+        return config
+
     def setup_module(self, module: torch.nn.Module) -> torch.nn.Module:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
+        plugin = self.precision
+        if self._on_cpu and "mixed" in plugin.precision:  # Fabric's forward_context autocasts for "cuda" only
+            dtype = torch.bfloat16 if plugin.precision.startswith("bf16") else torch.float16
+            plugin.forward_context = lambda: torch.autocast("cpu", dtype=dtype)
         if self._on_cpu and not any(isinstance(m, FSDP) for m in module.modules()):
             module = FSDP(module, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
                           sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"),

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 
 def state_hashes(module: torch.nn.Module) -> dict[str, str]:
-    return {k: hashlib.sha256(v.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+    return {k: hashlib.sha256(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
             for k, v in module.state_dict().items()}
 
 
@@ -51,7 +51,9 @@ def main() -> None:
             captured["batches"].append(float(pixels.double().sum()))  # which images this rank saw
             whole = hashlib.sha256("".join(state_hashes(task.model).values()).encode()).hexdigest()
             captured["steps"].append(whole)
-            return step_fn(fabric, model, batch, step)
+            out = step_fn(fabric, model, batch, step)
+            captured["buffer_dtypes"] = {k: str(b.dtype) for k, b in task.model.named_buffers()}  # inside the step
+            return out
 
         task.training_step = training_step
         return real_fit(fabric, task, *a, **kw)
@@ -62,7 +64,8 @@ def main() -> None:
     fabric, model = captured["fabric"], captured["model"]
     mine = {"rank": fabric.global_rank, "world": fabric.world_size, "hashes": state_hashes(model),
             "steps": captured["steps"], "batches": captured["batches"], "env_rank": os.environ.get("RANK"),
-            "torchelastic": dist.is_torchelastic_launched()}
+            "torchelastic": dist.is_torchelastic_launched(), "buffer_dtypes": captured["buffer_dtypes"],
+            "strategy": type(fabric.strategy).__name__}
     everyone: list = [None] * fabric.world_size
     dist.all_gather_object(everyone, mine)
     if fabric.global_rank == 0:

@@ -353,6 +353,23 @@ def test_fsdp_trains_stage1_like_ddp(fsdp_and_ddp):
 
 
 @pytest.mark.slow
+def test_fsdp_mixed_precision_keeps_the_quantizer_statistics_in_float32(tmp_path):
+    """Fabric's FSDP bf16-mixed would cast buffers (the EMA codebook statistics) to bf16 too."""
+    out = tmp_path / "ranks.json"
+    proc = run_cmd(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tests.mp_helper",
+                    str(tmp_path / "run"), str(out), "fabric.strategy=fsdp", "fabric.precision=bf16-mixed",
+                    "stage1.max_steps=4", "stage1.eval_every=4"])
+    assert proc.returncode == 0
+    for rank in json.loads(out.read_text()):
+        assert rank["strategy"] == "FullStateFSDP"
+        dtypes = rank["buffer_dtypes"]
+        assert {k for k in dtypes if k.endswith(("ema_sum", "ema_count", "codebook"))}  # the EMA quantizer's
+        assert all(d in ("torch.float32", "torch.int64", "torch.bool") for d in dtypes.values()), dtypes
+    mse = load_checkpoint(tmp_path / "run" / "stage1" / "last.ckpt")["metrics"]["mse"]
+    assert np.isfinite(mse)
+
+
+@pytest.mark.slow
 def test_fsdp_checkpoints_resume_in_one_process_and_the_other_way(fsdp_and_ddp, capsys):
     run_dir = fsdp_and_ddp["fsdp"][0]
     last = run_dir / "stage1" / "last.ckpt"
