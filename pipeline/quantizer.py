@@ -119,6 +119,18 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("initted", torch.tensor(not kmeans_init))
         self.register_buffer("unused_steps", torch.zeros(codebook_size, dtype=torch.long))
 
+    def _apply(self, fn, recurse: bool = True):
+        """Moves and casts like any module (``.to``, ``.cuda``, ``.half``), but floating-point buffers (the EMA
+        codebook and its statistics) keep their float32 values and dtype: in bf16 an EMA with decay 0.99 loses
+        most of each 1% step. ``model.to(torch.bfloat16)`` is what Fabric's ``bf16-true`` precision does."""
+        before = {name: buf for name, buf in self._buffers.items() if buf is not None and buf.is_floating_point()}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:  # a cast: keep the values and dtype, take only the move
+                self._buffers[name] = old.to(device=new.device)
+        return self
+
     # ------------------------------------------------------------------------------------------------------
     def nearest(self, flat: torch.Tensor) -> torch.Tensor:
         """Indices (N,) of the nearest codes to (N, D) fp32 vectors: argmin ||z||^2 - 2 z.e + ||e||^2."""
@@ -142,7 +154,7 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _ema_update(self, flat: torch.Tensor, onehot_counts: torch.Tensor, indices: torch.Tensor) -> None:
-        sums = torch.zeros(self.codebook_size, self.dim, device=flat.device).index_add_(0, indices, flat)  # (K, D)
+        sums = torch.zeros_like(self.ema_sum).index_add_(0, indices, flat)  # (K, D) float32
         _all_reduce_sum(sums)
         self.ema_count.mul_(self.decay).add_(onehot_counts, alpha=1 - self.decay)
         self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
@@ -158,7 +170,7 @@ class VectorQuantizer(nn.Module):
         if n_dead == 0:
             return
         pick = torch.randint(flat.shape[0], (n_dead,), device=flat.device)
-        new = flat[pick] + 1e-3 * flat.std() * torch.randn(n_dead, self.dim, device=flat.device)
+        new = flat[pick] + 1e-3 * flat.std() * torch.randn(n_dead, self.dim, device=flat.device, dtype=flat.dtype)
         _broadcast(new)
         self.codebook.data[dead] = new
         if self.kind == "ema":
@@ -190,12 +202,13 @@ class VectorQuantizer(nn.Module):
             if self.kind == "loss":
                 codebook_loss = F.mse_loss(z_q, z.detach())
             else:
-                codebook_loss = torch.zeros((), device=z.device)
+                codebook_loss = torch.zeros((), device=z.device, dtype=z.dtype)
             loss = self.beta * commitment + codebook_loss
             probs = counts / counts.sum()
             perplexity = torch.exp(-(probs * torch.log(probs.clamp_min(1e-10))).sum())
             usage = (counts > 0).float().mean()
             quantized = straight_through(z, z_q) if z.requires_grad else z_q
+            quantized = quantized.to(z_e.dtype)  # the encoder's dtype (bf16 under bf16-true or autocast)
         return QuantizerOutput(
             quantized=quantized,
             indices=indices.view(b, h, w),

@@ -99,14 +99,39 @@ def test_quantization_runs_in_fp32_under_autocast():
     z = torch.randn(2, 4, 3, 3).bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = vq(z)
-    assert out.quantized.dtype == torch.float32
+    assert out.quantized.dtype == torch.bfloat16  # handed back in the encoder's dtype
     assert vq.codebook.dtype == torch.float32 and vq.ema_sum.dtype == torch.float32
     vq.eval()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         under = vq(z)
     plain = vq(z.float())  # indices equal the fp32 computation (no bf16 rounding of distances)
     assert torch.equal(under.indices, plain.indices)
-    assert torch.equal(under.quantized, plain.quantized)
+    assert torch.equal(under.quantized, plain.quantized.bfloat16())
+
+
+def test_bf16_model_keeps_fp32_codebook_statistics_and_trains_like_fp32():
+    """``model.to(torch.bfloat16)`` (Fabric's bf16-true) under a bf16 default dtype: the EMA buffers stay float32
+    and the updates equal an fp32 quantizer's on the same (bf16) inputs, bit for bit."""
+    torch.manual_seed(0)
+    ref = make_vq(restart_after=2).train()
+    low = make_vq(restart_after=2).train()
+    low.load_state_dict(ref.state_dict())
+    low = low.to(torch.bfloat16)
+    assert all(b.dtype in (torch.float32, torch.bool, torch.int64) for b in low.buffers())
+    previous = torch.get_default_dtype()
+    for _ in range(4):  # EMA steps and, after 2 idle steps, restarts
+        z = torch.randn(2, 4, 3, 3).bfloat16()
+        torch.manual_seed(1)
+        a = ref(z.float())
+        torch.manual_seed(1)
+        torch.set_default_dtype(torch.bfloat16)  # what Fabric's bf16-true forward context does
+        try:
+            b = low(z)
+        finally:
+            torch.set_default_dtype(previous)
+        assert b.quantized.dtype == torch.bfloat16 and torch.equal(a.indices, b.indices)
+    for name, buf in ref.state_dict().items():
+        assert torch.equal(buf, low.state_dict()[name]), name
 
 
 def test_perplexity_and_usage():

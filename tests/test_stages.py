@@ -128,3 +128,18 @@ def test_sweep_plots_precision_against_recall(smoke_run):
         assert 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 and r["fid"] >= 0
     assert set(data["real_floor"]) >= {"fid", "precision", "recall"}
     assert (smoke_run / "eval" / "sweep.png").stat().st_size > 1000
+
+
+def test_bf16_true_trains_stage1_and_stage2_with_fp32_codebooks(smoke_run, tmp_path):
+    """fabric.precision=bf16-true casts the whole model to bf16 and makes bf16 the default dtype in forward;
+    the quantizer keeps its codebook statistics in float32 and hands back bf16 vectors."""
+    run_dir = tmp_path / "run"
+    assert run(stage1, run_dir, "fabric.precision=bf16-true", "stage1.max_steps=5", "stage1.eval_every=5") == 0
+    ckpt = torch.load(run_dir / "stage1" / "last.ckpt", weights_only=True)
+    assert np.isfinite(ckpt["metrics"]["mse"])
+    model = ckpt["model"]
+    assert model["decoder.0.weight"].dtype == torch.bfloat16
+    for name in [k for k in model if k.endswith(("codebook", "ema_sum", "ema_count"))]:
+        assert model[name].dtype == torch.float32, name
+    assert run(stage2, run_dir, "fabric.precision=bf16-true", "stage2.max_steps=5", "stage2.eval_every=5") == 0
+    assert np.isfinite(torch.load(run_dir / "stage2" / "top" / "last.ckpt", weights_only=True)["metrics"]["nll_bits"])
