@@ -1,4 +1,6 @@
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,3 +33,14 @@ def smoke_run(tmp_path_factory):
     assert run(stage2, run_dir) == 0
     assert run(sample, run_dir) == 0
     return run_dir
+
+
+def copy_run(src: Path, dst: Path, parts=("config.yaml", "stage1", "codes", "stage2", "samples", "sampler")) -> Path:
+    """A private copy of (parts of) a run folder; eval/ is left out so each copy trains its own classifier."""
+    dst.mkdir(parents=True)
+    for part in parts:
+        if (src / part).is_dir():
+            shutil.copytree(src / part, dst / part)
+        elif (src / part).is_file():
+            shutil.copy2(src / part, dst / part)
+    return dst

@@ -20,7 +20,7 @@ from pipeline.config import FabricConfig, TrainConfig
 from pipeline.io import UserError, load_checkpoint
 from pipeline.training import Task, fit, make_fabric
 from stages import stage1, stage2
-from tests.conftest import SMOKE, run
+from tests.conftest import SMOKE, copy_run, run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -192,9 +192,9 @@ def env() -> dict:
     return e
 
 
-def start_stage1(run_dir: Path, log: Path) -> subprocess.Popen:
+def start_stage(stage: str, run_dir: Path, log: Path, overrides: list[str]) -> subprocess.Popen:
     """The command a user types; stdout and stderr to files (pipes could fill up and stall it)."""
-    cmd = [sys.executable, "-m", "stages.stage1", "--config", SMOKE, "--run", str(run_dir), *S1]
+    cmd = [sys.executable, "-m", f"stages.{stage}", "--config", SMOKE, "--run", str(run_dir), *overrides]
     with open(log.with_suffix(".out"), "w") as out, open(log.with_suffix(".err"), "w") as err:
         return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=out, stderr=err)  # the child keeps its copies
 
@@ -230,7 +230,7 @@ def interrupted(tmp_path_factory):
     run_dir, rng = base / "run", random.Random()
     out: dict = {"run": run_dir}
 
-    killed = start_stage1(run_dir, base / "killed")
+    killed = start_stage("stage1", run_dir, base / "killed", S1)
     wait_for_new_checkpoint(killed, run_dir / "stage1" / "last.ckpt")
     delay = rng.uniform(0.0, 0.6)
     print(f"SIGKILL {delay:.2f} s after the first checkpoint")
@@ -243,7 +243,7 @@ def interrupted(tmp_path_factory):
     # what a kill during a save leaves behind; the next run must not trip over it
     (run_dir / "stage1" / ".last.ckpt.tmp").write_bytes(b"half a checkpoint")
 
-    stopped = start_stage1(run_dir, base / "stopped")
+    stopped = start_stage("stage1", run_dir, base / "stopped", S1)
     wait_for_new_checkpoint(stopped, run_dir / "stage1" / "last.ckpt")
     delay = rng.uniform(0.0, 0.3)
     print(f"SIGINT {delay:.2f} s after the resumed run's first checkpoint")
@@ -296,21 +296,13 @@ def test_third_run_finishes_as_well_as_an_uninterrupted_run(interrupted, tmp_pat
 
 # SIGKILL of a real stage-2 command: two priors trained one after the other, killed while the second one trains
 
-def copy_stage1(src: Path, dst: Path) -> Path:
-    shutil.copytree(src / "stage1", dst / "stage1")
-    shutil.copy2(src / "config.yaml", dst / "config.yaml")
-    return dst
-
-
 S2 = ["stage2.max_steps=400", "stage2.checkpoint_every=25", "stage2.eval_every=1000", "stage2.log_every=25"]
 
 
 @pytest.mark.slow
 def test_stage2_killed_during_the_bottom_prior_resumes_and_matches_an_uninterrupted_run(smoke_run, tmp_path, capsys):
-    run_dir = copy_stage1(smoke_run, tmp_path / "run")
-    cmd = [sys.executable, "-m", "stages.stage2", "--config", SMOKE, "--run", str(run_dir), *S2]
-    with open(tmp_path / "killed.out", "w") as out, open(tmp_path / "killed.err", "w") as err:
-        killed = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=out, stderr=err)
+    run_dir = copy_run(smoke_run, tmp_path / "run", parts=("config.yaml", "stage1"))
+    killed = start_stage("stage2", run_dir, tmp_path / "killed", S2)
     bottom = run_dir / "stage2" / "bottom" / "last.ckpt"
     wait_for_new_checkpoint(killed, bottom)
     delay = random.uniform(0.0, 0.5)
@@ -330,7 +322,7 @@ def test_stage2_killed_during_the_bottom_prior_resumes_and_matches_an_uninterrup
     assert "extracting" not in out  # the codes of the killed run are reused (same stage-1 checkpoint)
     assert leftovers(run_dir) == []
 
-    straight = copy_stage1(smoke_run, tmp_path / "straight")
+    straight = copy_run(smoke_run, tmp_path / "straight", parts=("config.yaml", "stage1"))
     assert run(stage2, straight, *S2) == 0
     for level in ("top", "bottom"):
         a = load_checkpoint(run_dir / "stage2" / level / "last.ckpt")

@@ -10,7 +10,6 @@ torchrun, to look inside both ranks.
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from pipeline.distributed import on_rank_zero, rank_zero_first
 from pipeline.io import UserError, load_checkpoint
 from pipeline.training import StepSampler, make_fabric
 from stages import evaluate, sample, stage1
-from tests.conftest import SMOKE, run
+from tests.conftest import SMOKE, copy_run, run
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 300
@@ -60,17 +59,6 @@ def files(folder: Path) -> list[str]:
 
 def leftovers(folder: Path) -> list[str]:
     return [f for f in files(folder) if Path(f).name.startswith(".") or f.endswith(".tmp")]
-
-
-def copy_run(src: Path, dst: Path, parts=("config.yaml", "stage1", "codes", "stage2", "samples", "sampler")) -> Path:
-    """A private copy of (parts of) a run folder; eval/ is left out so each copy trains its own classifier."""
-    dst.mkdir(parents=True)
-    for part in parts:
-        if (src / part).is_dir():
-            shutil.copytree(src / part, dst / part)
-        elif (src / part).is_file():
-            shutil.copy2(src / part, dst / part)
-    return dst
 
 
 # ---------------------------------------------------------------------------------------------------------
