@@ -11,6 +11,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 SMOKE = "configs/smoke.yaml"
 
 
+def rounding_tolerance(reference: torch.Tensor, ulps: int = 32) -> float:
+    """How far two float computations of ``reference`` may drift apart by rounding alone (a batch of another
+    shape, another kernel, thread count or CPU kind): ``ulps`` units in the last place of its dtype, at the
+    scale of its largest value. Results of different computations are compared within this, never exactly;
+    the effects the tests look for are orders of magnitude larger."""
+    return ulps * torch.finfo(reference.dtype).eps * float(reference.detach().abs().max())
+
+
 def run(module, run_dir, *overrides, fresh=False, config=SMOKE):
     """Call a stage's main() like the command line would; returns the exit code."""
     argv = ["--config", config, "--run", str(run_dir), *overrides] + (["--fresh"] if fresh else [])
