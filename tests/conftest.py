@@ -2,6 +2,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,6 +18,35 @@ def rounding_tolerance(reference: torch.Tensor, ulps: int = 32) -> float:
     scale of its largest value. Results of different computations are compared within this, never exactly;
     the effects the tests look for are orders of magnitude larger."""
     return ulps * torch.finfo(reference.dtype).eps * float(reference.detach().abs().max())
+
+
+def _rows(x) -> np.ndarray:
+    """(N, ...) tensor or array, or a list of them (code grids per level) -> (N, everything else) numpy."""
+    parts = x if isinstance(x, (list, tuple)) else [x]
+    arrays = [np.asarray(p.cpu() if isinstance(p, torch.Tensor) else p) for p in parts]
+    return np.concatenate([a.reshape(len(a), -1) for a in arrays], axis=1)
+
+
+def assert_same_draws(a, b, max_diverged: int = 1) -> np.ndarray:
+    """Discrete draws (sampled codes, argmax tokens, nearest codes) of two float computations of the same thing that
+    differ in batch shape, process count, cache or kernel: equal row for row (a row is an image or a sequence),
+    but for at most ``max_diverged`` rows. A draw flips only when rounding moves a value across a decision boundary
+    (a uniform within ~1e-6 of a step of the CDF, two logits or distances within ~1e-6), odds of about 1e-6 per
+    draw, and a flip early in a sequence changes the rest of its row; a real bug (rows mixed up, a stale cache)
+    changes many rows. Returns the (N,) mask of rows that agree."""
+    ra, rb = _rows(a), _rows(b)
+    assert ra.shape == rb.shape, (ra.shape, rb.shape)
+    same = (ra == rb).all(1)
+    assert (~same).sum() <= max_diverged, f"{int((~same).sum())} of {len(same)} rows differ"
+    return same
+
+
+def assert_same_images(images_a, codes_a, images_b, codes_b, max_diverged: int = 1) -> None:
+    """Sampled uint8 images of two computations (see ``assert_same_draws``): the same codes, and where the codes
+    agree pixels within 1 (the decoder's floats differ by rounding, which can move a value across a .5 step)."""
+    same = assert_same_draws(codes_a, codes_b, max_diverged)
+    diff = np.abs(np.asarray(images_a, np.int16)[same] - np.asarray(images_b, np.int16)[same])
+    assert diff.size == 0 or diff.max() <= 1, f"pixels differ by up to {diff.max()}"
 
 
 def run(module, run_dir, *overrides, fresh=False, config=SMOKE):

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from pipeline.priors.gpt import GPTPrior
 from pipeline.sampling import image_uniforms, sample_level
+from tests.conftest import assert_same_draws, rounding_tolerance
 
 K, KC, C = 16, 12, 3
 GRID, COND_GRID = (4, 4), (2, 3)
@@ -62,13 +63,14 @@ def test_forward_shape_and_causality(arch):
     codes, labels, top = make_batch()
     logits = prior(codes, labels, top)
     assert logits.shape == (4, 16, K)
+    tol = rounding_tolerance(logits)
     for t in (0, 5, 15):
         changed = codes.clone().view(4, -1)
         changed[:, t] = (changed[:, t] + 1) % K
         other = prior(changed.view(codes.shape), labels, top)
-        torch.testing.assert_close(other[:, : t + 1], logits[:, : t + 1], rtol=0, atol=1e-5)
+        torch.testing.assert_close(other[:, : t + 1], logits[:, : t + 1], rtol=0, atol=tol)
         if t + 1 < 16:
-            assert (other[:, t + 1] - logits[:, t + 1]).abs().max() > 1e-4  # the next position sees it
+            assert (other[:, t + 1] - logits[:, t + 1]).abs().max() > 100 * tol  # the next position sees it
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -77,12 +79,13 @@ def test_top_codes_and_label_condition_every_position(arch):
     prior = make_prior(arch)
     codes, labels, top = make_batch()
     logits = prior(codes, labels, top)
+    tol = rounding_tolerance(logits)
     other_top = (top + 1) % KC
     diff = (prior(codes, labels, other_top) - logits).abs().amax(dim=-1)  # (B, T)
-    assert (diff > 1e-5).all()
+    assert (diff > tol).all()
     other_labels = (labels + 1) % (C + 1)
     diff = (prior(codes, other_labels, top) - logits).abs().amax(dim=-1)
-    assert (diff > 1e-5).all()
+    assert (diff > tol).all()
 
 
 @torch.no_grad()
@@ -116,6 +119,7 @@ def test_cache_is_a_transformers_cache():
     assert state.past.get_seq_length() == prior.prefix_len
 
 
+@pytest.mark.filterwarnings("error::FutureWarning")  # e.g. transformers' deprecation of past_key_values
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_sampling_with_and_without_cache_identical(arch):
     prior = make_prior(arch)
@@ -125,7 +129,7 @@ def test_sampling_with_and_without_cache_identical(arch):
         a = sample_level(prior, u, labels, top, use_cache=True, **kw)
         b = sample_level(prior, u, labels, top, use_cache=False, **kw)
         assert a.shape == (6, *GRID)
-        assert torch.equal(a, b), kw
+        assert_same_draws(a, b)  # the cache changes the float computation, not the draws
 
 
 def test_step_order_is_checked():

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from pipeline.priors.base import Prior
 
@@ -221,8 +221,9 @@ class GPTPrior(Prior):
         prefix = self._prefix(batch, labels, cond_codes)
         state = _GPTState(use_cache=use_cache, tokens=prefix)
         if use_cache:
-            out = self.model(input_ids=prefix, use_cache=True, logits_to_keep=1)
-            state.past = out.past_key_values
+            out = self.model(input_ids=prefix, cache=DynamicCache(config=self.model.config), use_cache=True,
+                             logits_to_keep=1)
+            state.past = out.cache
             state.first_logits = self._code_logits(out.logits[:, -1])
         return state
 
@@ -246,8 +247,8 @@ class GPTPrior(Prior):
             if not state.use_cache:
                 state.tokens = torch.cat([state.tokens, new], dim=1)
         if state.use_cache:
-            out = self.model(input_ids=new, past_key_values=state.past, use_cache=True)
-            state.past = out.past_key_values
+            out = self.model(input_ids=new, cache=state.past, use_cache=True)
+            state.past = out.cache
         else:  # baseline: recompute the whole sequence so far
             out = self.model(input_ids=state.tokens, use_cache=False, logits_to_keep=1)
         return self._code_logits(out.logits[:, -1])
