@@ -8,6 +8,7 @@ import torch
 from pipeline.priors.base import Prior
 from pipeline.priors.gpt import GPTPrior
 from pipeline.sampling import filter_logits, image_uniforms, sample_level, sample_token
+from tests.conftest import assert_same_draws
 
 K, C = 16, 3
 GRID = (3, 4)
@@ -62,14 +63,14 @@ def test_top_k_1_is_greedy():
     prior = tiny_prior()
     labels = torch.tensor([0, 1, 2, 3, 0])
     out = sample_level(prior, uniforms(prior, 5), labels, top_k=1)
-    assert torch.equal(out, greedy(prior, 5, labels))
+    assert_same_draws(out, greedy(prior, 5, labels))  # step by step vs full forwards: argmax within rounding
 
 
 def test_tiny_temperature_is_greedy():
     prior = tiny_prior()
     labels = torch.tensor([0, 1, 2, 3, 0])
     out = sample_level(prior, uniforms(prior, 5), labels, temperature=1e-4)
-    assert torch.equal(out, greedy(prior, 5, labels))
+    assert_same_draws(out, greedy(prior, 5, labels))
 
 
 def test_greedy_on_fixed_table():
