@@ -6,23 +6,28 @@
 #   ARGS    space-separated key=value overrides, and/or --fresh / --debug
 #   TORCH   the PyTorch requirement: torch==2.13.0 is the CPU build here; GPU users set e.g.
 #           TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+#   QUICK   make bench QUICK=1: the short benchmark
+#
+# Paths may hold spaces: make stage1 RUN="runs/my run" CONFIG="configs/my preset.yaml"
 
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 CONFIG ?= configs/mnist.yaml
-RUN ?= runs/$(basename $(notdir $(CONFIG)))
+RUN ?=
 ARGS ?=
 QUICK ?=
 
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-STAGE = $(PY) -m stages.$(1) --config $(CONFIG) --run $(RUN) $(ARGS)
+# the run folder defaults to runs/<config file stem> in the stages themselves, so paths with spaces need no make
+# functions; CONFIG and RUN are quoted, ARGS is split on spaces on purpose
+STAGE = $(PY) -m stages.$(1) --config "$(CONFIG)" $(if $(RUN),--run "$(RUN)",) $(ARGS)
 
 .PHONY: help install stage1 stage2 sample evaluate sweep test lint bench clean
 
 help:
-	@sed -n '1,10p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,/^$$/p' Makefile | sed 's/^# \{0,1\}//'
 	@echo "targets: install stage1 stage2 sample evaluate sweep test lint bench clean"
 
 $(STAMP): pyproject.toml

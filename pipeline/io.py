@@ -6,9 +6,11 @@ killed process never leaves a half-written checkpoint, config or image behind.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -20,6 +22,22 @@ import torch
 
 class UserError(RuntimeError):
     """An error the user can fix (bad input, missing file, wrong order of stages): printed as one line."""
+
+
+def as_os_error(err: BaseException, path: str | Path) -> BaseException:
+    """torch's file writer reports a full disk or a failed write as a RuntimeError ("unexpected pos ...", "file write
+    failed"); turn it into the OSError it is, naming ``path``. Call it before removing the partial file: a disk
+    with less than 1 MiB free then is taken as full. Other errors come back as they are."""
+    text = str(err)
+    if not isinstance(err, RuntimeError) or not any(m in text for m in ("inline_container", "PytorchStreamWriter",
+                                                                         "write failed")):
+        return err
+    try:
+        full = shutil.disk_usage(Path(path).parent).free < 2**20
+    except OSError:
+        full = False
+    code = errno.ENOSPC if full else errno.EIO
+    return OSError(code, os.strerror(code), str(path))
 
 
 def _atomic(path: str | Path, write: Callable[[str], None]) -> Path:
@@ -35,9 +53,12 @@ def _atomic(path: str | Path, write: Callable[[str], None]) -> Path:
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
+        failed = as_os_error(err, path)
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if failed is not err:
+            raise failed from None
         raise
     return path
 

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.config import FabricConfig, TrainConfig
 from pipeline.distributed import on_rank_zero
-from pipeline.io import UserError, load_checkpoint
+from pipeline.io import UserError, as_os_error, load_checkpoint
 
 
 def make_fabric(cfg: FabricConfig, loggers: list | None = None, launch: bool = True):
@@ -189,7 +189,14 @@ def save_checkpoint(fabric, path: Path, state: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")  # a stale one from a killed run is simply overwritten
     if fabric.global_rank == 0:  # rank 0 writes the file (DDP, and FSDP with full state dicts)
         path.parent.mkdir(parents=True, exist_ok=True)  # FSDP's save does not create it
-    fabric.save(tmp, state)
+    try:
+        fabric.save(tmp, state)
+    except BaseException as err:  # e.g. a full disk: remove the partial file, keep the last good checkpoint
+        failed = as_os_error(err, path)
+        tmp.unlink(missing_ok=True)
+        if failed is not err:
+            raise failed from None
+        raise
 
     def publish() -> None:  # rank 0 only
         if tmp.is_file():  # on disk before the rename, so a crash of the machine cannot leave an empty file
