@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -229,6 +229,21 @@ class _StopOnInterrupt:
             self._previous = None
 
 
+def apply_settings(optimizer, scheduler, tcfg: TrainConfig, saved: dict[str, Any] | None) -> list[str]:
+    """On resume, the config's optimizer and schedule settings win over the checkpoint's (so ``config.yaml``
+    records what runs): the learning rate and weight decay are set again; warmup, decay and clipping are read
+    from ``tcfg`` at every step anyway. Returns the changed settings as ``key: old -> new`` (empty without a
+    record in the checkpoint)."""
+    optimizer.param_groups[0]["weight_decay"] = tcfg.weight_decay  # fit's first group; biases and norms keep 0
+    scheduler.base_lrs = [tcfg.lr] * len(optimizer.param_groups)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = tcfg.lr
+        group["lr"] = tcfg.lr * warmup_cosine(scheduler.last_epoch, tcfg.warmup_steps, tcfg.max_steps,
+                                              tcfg.min_lr_ratio)
+    now = asdict(tcfg)
+    return [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now if saved is not None and k in saved and saved[k] != now[k]]
+
+
 def _check_loadable(path: Path) -> None:
     load_checkpoint(path)  # raises a one-line UserError for a corrupt or unsafe file
 
@@ -264,13 +279,15 @@ def fit(fabric, task: Task, tcfg: TrainConfig, out_dir: Path, fresh: bool = Fals
     rank_rng = None
     if last.exists() and not fresh:
         _check_loadable(last)
-        rest = fabric.load(last, state, weights_only=True)  # what is not in ``state``: the per-rank RNG states
+        rest = fabric.load(last, state, weights_only=True)  # what is not in ``state``: per-rank RNG, settings
         rank_rng = rest.get("rng_ranks")
         if state["step"] >= tcfg.max_steps:
             fabric.print(f"{desc}: already finished ({state['step']}/{tcfg.max_steps} steps) in {out_dir}; "
                          "use --fresh to start over, or raise max_steps to continue")
             return dict(state["metrics"])
-        fabric.print(f"{desc}: resuming from {last} at step {state['step']}")
+        changed = apply_settings(optimizer, scheduler, tcfg, rest.get("train"))
+        fabric.print(f"{desc}: resuming from {last} at step {state['step']}"
+                     + (f" with changed settings ({'; '.join(changed)}), applied from this step on" if changed else ""))
     step0 = state["step"]
     train_model = torch.compile(model) if tcfg.compile else model
 
@@ -289,6 +306,7 @@ def fit(fabric, task: Task, tcfg: TrainConfig, out_dir: Path, fresh: bool = Fals
             extra["rng_ranks"] = _rank_rng_states(fabric)
         if not fsdp:  # FSDP's full optimizer state is already keyed by parameter name
             extra["optimizer"] = optimizer_state_by_name(optimizer, param_names)
+        extra["train"] = asdict(tcfg)  # the settings this checkpoint was trained with
         save_checkpoint(fabric, path, {**state, **extra})
 
     bar = tqdm(total=tcfg.max_steps, initial=step0, desc=desc, disable=fabric.global_rank != 0, dynamic_ncols=True,

@@ -5,10 +5,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
+import yaml
 
+from pipeline.training import warmup_cosine
 from stages import evaluate, sample, stage1, stage2
-from tests.conftest import run
+from tests.conftest import copy_run, run
 
 
 def metric_rows(folder: Path) -> list[dict]:
@@ -46,6 +49,21 @@ def test_stage1_finished_run_is_not_retrained_and_resume_continues(smoke_run, tm
     out = capsys.readouterr().out
     assert "resuming from" in out and "at step 20" in out
     assert torch.load(run_dir / "stage1" / "last.ckpt", weights_only=True)["step"] == 30
+
+
+def test_resume_applies_changed_optimizer_settings_and_says_so(smoke_run, tmp_path, capsys):
+    """A resume with another lr or weight decay runs with them (as config.yaml records), and says what changed."""
+    run_dir = copy_run(smoke_run, tmp_path / "copy", parts=("config.yaml", "stage1"))
+    assert run(stage1, run_dir, "stage1.max_steps=30", "stage1.lr=5e-4", "stage1.weight_decay=0.05") == 0
+    out = capsys.readouterr().out
+    assert ("at step 20 with changed settings (max_steps 20 -> 30; lr 0.001 -> 0.0005; weight_decay 0.0 -> 0.05), "
+            "applied from this step on") in out
+    ckpt = torch.load(run_dir / "stage1" / "last.ckpt", weights_only=True)
+    decayed, plain = ckpt["optimizer"]["param_groups"]
+    assert decayed["lr"] == pytest.approx(5e-4 * warmup_cosine(30, 5, 30, 0.1), rel=1e-9)  # 5e-5, not 1e-4
+    assert decayed["weight_decay"] == 0.05 and plain["weight_decay"] == 0.0
+    assert ckpt["train"]["lr"] == 5e-4
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["stage1"]["lr"] == 5e-4
 
 
 def test_stage1_refuses_checkpoint_of_another_config(smoke_run, tmp_path, capsys):
