@@ -9,6 +9,7 @@ so later stages rebuild models from it instead of re-declaring shapes.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -33,19 +34,19 @@ class DataConfig:
     image_size: int = 32  # images are padded/resized to image_size x image_size
     channels: int = 1  # 1 (grey) or 3 (RGB)
     holdout_fraction: float = 0.1  # held-out share, split with a fixed seed
-    split_seed: int = 0
+    split_seed: int = 0  # seed of the held-out split (>= 0)
     max_images: int = 0  # 0 = all; otherwise the first N after shuffling with split_seed
     on_corrupt: str = "skip"  # skip (count and warn) | error
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader worker processes
 
 
 @dataclass
 class FabricConfig:
     accelerator: str = "cpu"  # cpu | cuda | mps | auto
     devices: int = 1  # processes per node
-    num_nodes: int = 1
+    num_nodes: int = 1  # machines
     strategy: str = "auto"  # auto | ddp | ddp_spawn | fsdp
-    precision: str = "bf16-mixed"  # 32-true | bf16-mixed | 16-mixed
+    precision: str = "bf16-mixed"  # 32-true | bf16-mixed | 16-mixed | bf16-true
     threads: int = 0  # torch intra-op threads per process; 0 = torch's default
 
 
@@ -54,15 +55,15 @@ class VQVAEConfig:
     levels: int = 2  # bottom grid at 1/4 of the input, each further level halves it
     channels: int = 64  # hidden width of encoders and decoders
     res_channels: int = 32  # bottleneck width inside residual blocks
-    res_blocks: int = 2
-    codebook_size: int = 512
-    code_dim: int = 64
+    res_blocks: int = 2  # residual blocks per stack
+    codebook_size: int = 512  # codes per level (>= 2)
+    code_dim: int = 64  # size of a code vector
     beta: float = 0.25  # commitment weight
     quantizer: str = "ema"  # ema (EMA codebook updates) | loss (codebook loss)
     decay: float = 0.99  # EMA decay
     eps: float = 1e-5  # Laplace smoothing of EMA counts
     kmeans_init: bool = True  # initialise codebooks from the first batch's encoder outputs (k-means)
-    kmeans_iters: int = 10
+    kmeans_iters: int = 10  # k-means iterations of that initialisation
     restart_after: int = 50  # restart a code unused for this many steps (0 = never)
 
     @property
@@ -75,21 +76,21 @@ class VQVAEConfig:
 class TrainConfig:
     """Settings of the shared training loop (``pipeline.training``); used by stage 1 and stage 2."""
 
-    max_steps: int = 2000
+    max_steps: int = 2000  # optimizer steps
     batch_size: int = 64  # per process; the global batch is batch_size x devices x num_nodes x grad_accum
-    lr: float = 3e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 100
+    lr: float = 3e-4  # AdamW learning rate (betas 0.9, 0.95)
+    weight_decay: float = 0.0  # AdamW decay (not on biases and norms)
+    warmup_steps: int = 100  # linear warmup, then cosine decay
     min_lr_ratio: float = 0.1  # cosine decays to lr x min_lr_ratio
     grad_clip: float = 1.0  # 0 = off
-    grad_accum: int = 1
-    checkpoint_every: int = 500
-    eval_every: int = 500
-    log_every: int = 25
-    seed: int = 0
+    grad_accum: int = 1  # micro-batches per optimizer step
+    checkpoint_every: int = 500  # steps between checkpoints (and one at the end)
+    eval_every: int = 500  # steps between held-out evaluations (and one at the end)
+    log_every: int = 25  # steps between log lines
+    seed: int = 0  # model init and data order (>= 0)
     skip_nonfinite: bool = False  # skip a batch with a NaN/Inf loss instead of stopping
-    channels_last: bool = True
-    compile: bool = False
+    channels_last: bool = True  # channels_last memory format
+    compile: bool = False  # torch.compile the model
 
 
 @dataclass
@@ -97,7 +98,7 @@ class Stage1Config(TrainConfig):
     max_steps: int = 2000
     lr: float = 1e-3
     warmup_steps: int = 50
-    grid_images: int = 16  # originals/reconstructions in the PNG grid
+    grid_images: int = 16  # originals/reconstructions in the PNG grid (0 = no grid)
 
 
 @dataclass
@@ -107,16 +108,16 @@ class PriorNetConfig:
     kind: str = "gpt"  # gpt | pixelcnn
     # gpt
     arch: str = "gpt2"  # gpt2 | llama
-    n_layer: int = 4
-    n_embd: int = 128
-    n_head: int = 4
-    dropout: float = 0.0
+    n_layer: int = 4  # gpt: transformer blocks
+    n_embd: int = 128  # gpt: width (a multiple of n_head)
+    n_head: int = 4  # gpt: attention heads
+    dropout: float = 0.0  # gpt and pixelcnn: dropout rate
     # pixelcnn
-    channels: int = 64
-    layers: int = 8
-    kernel_size: int = 5
-    cond_channels: int = 64
-    cond_res_blocks: int = 2
+    channels: int = 64  # pixelcnn: width
+    layers: int = 8  # pixelcnn: gated layers
+    kernel_size: int = 5  # pixelcnn: odd kernel size
+    cond_channels: int = 64  # pixelcnn: width of the top-code conditioning network
+    cond_res_blocks: int = 2  # pixelcnn: residual blocks of that network
 
 
 @dataclass
@@ -133,21 +134,21 @@ class Stage2Config(TrainConfig):
     lr: float = 1e-3
     weight_decay: float = 0.01
     eval_every: int = 500
-    extract_batch_size: int = 256
+    extract_batch_size: int = 256  # images per batch of the code extraction
     shard_size: int = 100_000  # code grids per shard file
 
 
 @dataclass
 class SampleConfig:
-    num: int = 1000
-    batch_size: int = 250
-    temperature: float = 1.0
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
+    num: int = 1000  # images to sample
+    batch_size: int = 250  # images per batch (the images do not depend on it, up to float rounding)
+    temperature: float = 1.0  # softmax temperature, > 0
+    top_k: int = 0  # keep the k most likely codes (0 = off)
+    top_p: float = 1.0  # nucleus mass in (0, 1] (1 = off)
     labels: str = "uniform"  # uniform | a class index | comma-separated indices (cycled) | none
     guidance: float = 1.0  # classifier-free guidance scale (1 = off)
-    seed: int = 0
-    grid_images: int = 64
+    seed: int = 0  # image i depends only on (seed, i, settings); >= 0
+    grid_images: int = 64  # images in grid.png (0 = no grid)
 
 
 @dataclass
@@ -156,12 +157,12 @@ class EvaluateConfig:
     inception_path: str = ""  # local TorchScript file of the FID InceptionV3 (extractor: inception)
     k: int = 3  # neighbourhood size for precision/recall/density/coverage
     num_real: int = 0  # real images on each side of the floor and vs samples; 0 = all held-out
-    classifier_steps: int = 800
-    classifier_batch_size: int = 128
-    batch_size: int = 250
-    sweep_temperatures: list[float] = field(default_factory=lambda: [0.7, 0.85, 1.0, 1.15])
-    sweep_top_p: list[float] = field(default_factory=lambda: [0.8, 0.95])
-    sweep_num: int = 500
+    classifier_steps: int = 800  # training steps of the domain classifier
+    classifier_batch_size: int = 128  # its batch size
+    batch_size: int = 250  # feature extraction batch
+    sweep_temperatures: list[float] = field(default_factory=lambda: [0.7, 0.85, 1.0, 1.15])  # make sweep
+    sweep_top_p: list[float] = field(default_factory=lambda: [0.8, 0.95])  # make sweep
+    sweep_num: int = 500  # make sweep: images per setting
 
 
 @dataclass
@@ -220,14 +221,19 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return value
         raise ConfigError(f"{key}={value!r}: expected an integer")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}={value!r}: expected a number")
+        if number is None:
+            raise ConfigError(f"{key}={value!r}: expected a number")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}={value}: expected a finite number, not inf or nan")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -333,6 +339,7 @@ def _check_train(name: str, t: TrainConfig) -> None:
     _check(t.grad_accum >= 1, f"{name}.grad_accum", t.grad_accum, "must be >= 1")
     for key in ("checkpoint_every", "eval_every", "log_every"):
         _check(getattr(t, key) >= 1, f"{name}.{key}", getattr(t, key), "must be >= 1 (steps)")
+    _check(t.seed >= 0, f"{name}.seed", t.seed, "must be >= 0")
 
 
 def validate(cfg: Config) -> None:
@@ -348,6 +355,7 @@ def validate(cfg: Config) -> None:
            f"must be divisible by the total downsampling 2^(vqvae.levels+1) = {v.downsample} "
            f"(e.g. {max(v.downsample, d.image_size // v.downsample * v.downsample)})")
     _check(0 < d.holdout_fraction < 1, "data.holdout_fraction", d.holdout_fraction, "must be in (0, 1)")
+    _check(d.split_seed >= 0, "data.split_seed", d.split_seed, "must be >= 0")
     _check(d.max_images >= 0, "data.max_images", d.max_images, "must be >= 0 (0 = all)")
     _check_choice("data.on_corrupt", d.on_corrupt, ("skip", "error"))
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
@@ -376,6 +384,7 @@ def validate(cfg: Config) -> None:
 
     _check_train("stage1", cfg.stage1)
     _check_train("stage2", cfg.stage2)
+    _check(cfg.stage1.grid_images >= 0, "stage1.grid_images", cfg.stage1.grid_images, "must be >= 0 (0 = no grid)")
     _check(cfg.stage2.extract_batch_size >= 1, "stage2.extract_batch_size", cfg.stage2.extract_batch_size, ">= 1")
     _check(cfg.stage2.shard_size >= 1, "stage2.shard_size", cfg.stage2.shard_size, "must be >= 1")
 
@@ -399,6 +408,8 @@ def validate(cfg: Config) -> None:
     _check(s.top_k >= 0, "sample.top_k", s.top_k, "must be >= 0 (0 = off)")
     _check(0 < s.top_p <= 1, "sample.top_p", s.top_p, "must be in (0, 1] (1 = off)")
     _check(s.guidance >= 0, "sample.guidance", s.guidance, "must be >= 0 (1 = off)")
+    _check(s.seed >= 0, "sample.seed", s.seed, "must be >= 0 (image i depends only on the seed, i and the settings)")
+    _check(s.grid_images >= 0, "sample.grid_images", s.grid_images, "must be >= 0 (0 = no grid)")
 
     e = cfg.evaluate
     _check_choice("evaluate.extractor", e.extractor, ("domain", "inception"))

@@ -20,6 +20,8 @@ def grid_image(pixels: torch.Tensor | np.ndarray, nrow: int | None = None, pad: 
     if arr.shape[1] in (1, 3) and arr.shape[-1] not in (1, 3):
         arr = arr.transpose(0, 2, 3, 1)  # (N, C, H, W) -> (N, H, W, C)
     n, h, w, c = arr.shape
+    if n == 0:
+        raise ValueError("a grid needs at least one image")
     nrow = nrow or math.ceil(math.sqrt(n))
     rows = math.ceil(n / nrow)
     canvas = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, np.uint8)

@@ -10,8 +10,8 @@ import numpy as np
 
 from pipeline.config import Config
 from pipeline.distributed import gather_rows, on_rank_zero, shard_indices
-from pipeline.images import save_grid
-from pipeline.io import atomic_savez
+from pipeline.images import grid_image
+from pipeline.io import atomic_save_png, atomic_savez
 from pipeline.sampler import Sampler, Samples
 from pipeline.stage1 import level_names, load_vqvae
 from pipeline.stage2 import check_priors_match, load_prior
@@ -57,14 +57,19 @@ def run_sample(cfg: Config, run_dir: Path) -> Samples | None:
 
     def write() -> None:  # rank 0 only
         out = run_dir / "samples"
+        grid = None  # built before anything is written, so a failure leaves the previous files as they were
+        if s.grid_images:
+            shown = samples.images[: s.grid_images]
+            order = np.argsort(samples.labels[: s.grid_images], kind="stable") if sampler.num_classes else None
+            grid = grid_image(shown if order is None else shown[order], scale=2)
         arrays = {f"codes_{n}": c for n, c in zip(sampler.level_names, samples.codes)}
         atomic_savez(out / "samples.npz", images=samples.images, labels=samples.labels,
                      settings=np.asarray(json.dumps(settings)), **arrays)
-        order = np.argsort(samples.labels[: s.grid_images], kind="stable") if sampler.num_classes else None
-        grid = samples.images[: s.grid_images] if order is None else samples.images[: s.grid_images][order]
-        save_grid(out / "grid.png", grid)
-        fabric.print(f"sample: {s.num} images in {elapsed:.1f} s ({s.num / elapsed:.0f} img/s) -> {out}/samples.npz, "
-                     f"{out}/grid.png; sampler exported to {run_dir / 'sampler'}")
+        if grid is not None:
+            atomic_save_png(out / "grid.png", grid)
+        written = f"{out}/samples.npz" + (f", {out}/grid.png" if grid is not None else "")
+        fabric.print(f"sample: {s.num} images in {elapsed:.1f} s ({s.num / elapsed:.0f} img/s) -> {written}; "
+                     f"sampler exported to {run_dir / 'sampler'}")
 
     on_rank_zero(fabric, write)  # a failure there stops every rank with its message
     return samples

@@ -7,6 +7,8 @@ the same images whatever the batch size or the number of processes the images ar
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -15,6 +17,9 @@ from pipeline.priors.base import Prior
 
 def check_sampling_settings(temperature: float, top_k: int, top_p: float, guidance: float) -> None:
     """One readable error per bad setting (ValueError with key, value and what is allowed)."""
+    for key, value in (("temperature", temperature), ("top_p", top_p), ("guidance", guidance)):
+        if not math.isfinite(value):
+            raise ValueError(f"{key}={value}: must be a finite number, not inf or nan")
     if not temperature > 0:
         raise ValueError(f"temperature={temperature}: must be > 0 (use top_k=1 for greedy decoding)")
     if top_k < 0:

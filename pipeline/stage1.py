@@ -134,7 +134,8 @@ def run_stage1(cfg: Config, run_dir: Path, fresh: bool = False) -> dict[str, flo
 
     def validate(fabric, model, step):
         metrics = reconstruction_metrics(fabric, model, data.holdout)
-        save_reconstructions(fabric, out_dir / "reconstructions.png", model, data.holdout, cfg.stage1.grid_images)
+        if cfg.stage1.grid_images:
+            save_reconstructions(fabric, out_dir / "reconstructions.png", model, data.holdout, cfg.stage1.grid_images)
         return metrics
 
     task = Task(model=model, train_set=data.train, training_step=training_step, validate=validate,
