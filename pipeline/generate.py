@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 
@@ -26,17 +25,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--out", default="samples.png", help="PNG grid to write (default samples.png)")
     parser.add_argument("--npz", default=None, help="also write the uint8 images to this .npz")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, mps")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
     args = parser.parse_args(argv)
 
-    from pipeline.images import save_grid
-    from pipeline.io import UserError, atomic_savez
+    from pipeline.cli import debug_requested, report_errors
+    from pipeline.images import grid_image
+    from pipeline.io import UserError, atomic_save_png, atomic_savez
     from pipeline.sampler import Sampler
 
-    try:
+    def generate() -> None:
+        if args.num < 1:
+            raise UserError(f"--num {args.num}: must be >= 1 (the number of images to generate)")
+        if args.batch_size < 1:
+            raise UserError(f"--batch-size {args.batch_size}: must be >= 1")
+        if args.seed < 0:
+            raise UserError(f"--seed {args.seed}: must be >= 0")
         sampler = Sampler.from_pretrained(args.sampler, device=args.device)
-        defaults = getattr(sampler, "sampling_defaults", {})
+        defaults = sampler.sampling_defaults
 
         def pick(value, key, fallback):
             return value if value is not None else defaults.get(key, fallback)
@@ -46,16 +52,13 @@ def main(argv: list[str] | None = None) -> int:
             top_p=pick(args.top_p, "top_p", 1.0), labels=pick(args.label, "labels", "uniform"),
             guidance=pick(args.guidance, "guidance", 1.0), seed=args.seed, batch_size=args.batch_size,
         )
-        save_grid(args.out, images)
+        grid = grid_image(images, scale=2)  # built before anything is written
+        atomic_save_png(args.out, grid)
         if args.npz:
             atomic_savez(args.npz, images=images)
-    except UserError as err:
-        if args.debug or os.environ.get("DEBUG"):
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {len(images)} images {images.shape[1:]} to {args.out}" + (f" and {args.npz}" if args.npz else ""))
-    return 0
+        print(f"wrote {len(images)} images {images.shape[1:]} to {args.out}" + (f" and {args.npz}" if args.npz else ""))
+
+    return report_errors(generate, debug_requested(args))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@ images by ancestral sampling (top codes from the top prior, each lower level giv
 decoder).
 
 Exported as a folder with ``config.json`` (architecture, shapes, sampling defaults, sha256 of the weights) and
-``model.safetensors`` (no pickle anywhere). ``Sampler.from_pretrained(folder)`` needs only this package:
+``model.safetensors`` (the whole VQ-VAE-2 and the priors; no pickle anywhere), loaded back with every key and
+shape checked. ``Sampler.from_pretrained(folder)`` needs only this package:
 no run folder, no YAML, no training code.
 """
 
@@ -20,13 +21,14 @@ import torch
 from torch import nn
 
 from pipeline.config import VQVAEConfig
+from pipeline.data import to_float, to_uint8
 from pipeline.io import UserError, atomic_write_bytes, atomic_write_text
 from pipeline.priors import Prior, prior_from_spec
 from pipeline.sampling import check_sampling_settings, image_uniforms, sample_level
 from pipeline.vqvae import VQVAE2
 
 FORMAT = "pipeline-sampler"
-VERSION = 1
+VERSION = 2  # 2: the whole VQ-VAE-2 (encoder too); 1 had the decoder only
 WEIGHTS = "model.safetensors"
 LABEL_STREAM = 1_000  # the per-image random stream that draws uniform labels (levels use 0, 1, ...)
 
@@ -38,9 +40,20 @@ class Samples:
     labels: np.ndarray  # (N,) int64, -1 for unconditional
 
 
-def _decoder_keys(key: str) -> bool:
-    """The VQ-VAE-2 weights decoding needs: codebooks, per-level upsamplers and the image decoder."""
-    return key.startswith(("quantizers.", "upsamplers.", "decoder."))
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``name`` as a device of this machine, or a one-line error naming what exists."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise UserError(f"device {name!r} is not a device name ({err}); use cpu, cuda, cuda:1 or mps") from None
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= cuda:
+        raise UserError(f"device {name!r} does not exist here ({cuda} CUDA device(s)); use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device {name!r} does not exist here (no Apple MPS); use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"device {name!r} is not supported; use cpu, cuda or mps")
+    return device
 
 
 class Sampler(nn.Module):
@@ -51,6 +64,7 @@ class Sampler(nn.Module):
         self.priors = nn.ModuleList(priors)
         self.image_size, self.level_names, self.prior_specs = image_size, level_names, prior_specs
         self.class_names = class_names
+        self.sampling_defaults: dict[str, Any] = {}
         if len(priors) != vqvae_cfg.levels:
             raise ValueError(f"{len(priors)} priors for {vqvae_cfg.levels} levels")
 
@@ -80,7 +94,7 @@ class Sampler(nn.Module):
         from safetensors.torch import save
 
         folder = Path(folder)
-        tensors = {f"vqvae.{k}": v for k, v in self.vqvae.state_dict().items() if _decoder_keys(k)}
+        tensors = {f"vqvae.{k}": v for k, v in self.vqvae.state_dict().items()}
         for name, prior in zip(self.level_names, self.priors):
             tensors.update({f"prior.{name}.{k}": v for k, v in prior.state_dict().items()})
         # tied weights share storage; safetensors wants each tensor on its own
@@ -111,7 +125,9 @@ class Sampler(nn.Module):
         if not isinstance(config, dict) or config.get("format") != FORMAT:
             raise UserError(f"{cfg_path} is not a sampler config (no \"format\": \"{FORMAT}\"); export it again")
         if config.get("version") != VERSION:
-            raise UserError(f"{cfg_path} has format version {config.get('version')}, this package reads {VERSION}")
+            raise UserError(f"{cfg_path} has format version {config.get('version')}, this package reads {VERSION}; "
+                            "export it again with `make sample`")
+        device = resolve_device(device)
         blob = weights_path.read_bytes()
         expected = config.get("sha256", {}).get(WEIGHTS)
         actual = hashlib.sha256(blob).hexdigest()
@@ -126,18 +142,24 @@ class Sampler(nn.Module):
             priors = [prior_from_spec(spec) for spec in config["priors"]]
             sampler = cls(VQVAEConfig(**config["vqvae"]), config["in_channels"], config["image_size"], priors,
                           config["levels"], config["priors"], config.get("class_names"))
-        except (KeyError, TypeError, ValueError) as err:
-            raise UserError(f"{cfg_path} does not describe a sampler this package can build ({err})") from None
-        vq_state = {k[len("vqvae."):]: v for k, v in tensors.items() if k.startswith("vqvae.")}
-        missing = [k for k in sampler.vqvae.state_dict() if _decoder_keys(k) and k not in vq_state]
-        if missing:
-            raise UserError(f"{weights_path} lacks decoder weights ({missing[0]}, ...); export it again")
-        sampler.vqvae.load_state_dict(vq_state, strict=False)
-        for name, prior in zip(sampler.level_names, sampler.priors):
-            prefix = f"prior.{name}."
-            prior.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            sampler.load_exported(tensors)
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            reason = " ".join(str(err).split())[:240] or type(err).__name__  # e.g. "size mismatch for ..."
+            raise UserError(f"{cfg_path} does not describe the weights beside it ({reason}); export it again with "
+                            "`make sample`") from None
         sampler.sampling_defaults = config.get("sampling_defaults", {})
         return sampler.to(device).eval()
+
+    def load_exported(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load the flat ``vqvae.*`` / ``prior.<level>.*`` tensors of an export, every key and shape checked."""
+        parts = [("vqvae.", self.vqvae)] + [(f"prior.{n}.", p) for n, p in zip(self.level_names, self.priors)]
+        claimed = set()
+        for prefix, module in parts:
+            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            claimed.update(prefix + k for k in state)
+            module.load_state_dict(state, strict=True)
+        if len(claimed) != len(tensors):
+            raise ValueError(f"unexpected tensors {sorted(set(tensors) - claimed)[:3]}")
 
     # ------------------------------------------------------------------------------------------------------
     def resolve_labels(self, labels: Any, indices: list[int], seed: int) -> torch.Tensor | None:
@@ -194,8 +216,7 @@ class Sampler(nn.Module):
                 u = image_uniforms(seed, level, idx, prior.seq_len)
                 cond = grids[-1] if grids else None
                 grids.append(sample_level(prior, u, lab, cond, temperature, top_k, top_p, guidance, use_cache))
-            x = self.vqvae.decode_codes(grids)  # (B, C, H, W) in about [-1, 1]
-            pixels = x.float().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+            pixels = to_uint8(self.vqvae.decode_codes(grids))  # (B, C, H, W)
             images.append(pixels.permute(0, 2, 3, 1).cpu().numpy())  # (B, H, W, C)
             for out, g in zip(codes_out, grids):
                 out.append(g.cpu().numpy())
@@ -207,6 +228,30 @@ class Sampler(nn.Module):
             labels=(all_labels.numpy() if all_labels is not None else np.full(len(indices), -1)).astype(np.int64),
         )
 
+    @torch.no_grad()
+    def encode(self, images: np.ndarray) -> list[np.ndarray]:
+        """uint8 images (N, H, W, C) of the sampler's size and channels -> code grids per level, top first."""
+        arr = np.asarray(images)
+        expected = (self.image_size, self.image_size, self.vqvae.in_channels)
+        if arr.ndim != 4 or arr.shape[1:] != expected or arr.dtype != np.uint8:
+            raise UserError(f"images of shape {arr.shape} and dtype {arr.dtype}: expected uint8 (N, "
+                            f"{', '.join(map(str, expected))})")
+        x = to_float(torch.from_numpy(arr).permute(0, 3, 1, 2).to(self.device))
+        return [c.cpu().numpy() for c in self.vqvae.encode(x)]
+
+    @torch.no_grad()
+    def decode(self, codes: list[np.ndarray]) -> np.ndarray:
+        """Code grids per level, top first (as from ``encode`` or ``generate_samples``) -> uint8 images (N, H, W, C)."""
+        k = self.vqvae.cfg.codebook_size
+        grids = [torch.as_tensor(np.asarray(c), dtype=torch.long, device=self.device) for c in codes]
+        shapes = self.vqvae.grid_shapes(self.image_size)
+        if len(grids) != len(shapes) or any(tuple(g.shape[1:]) != shape for g, shape in zip(grids, shapes)):
+            raise UserError(f"code grids of shapes {[tuple(g.shape) for g in grids]}: expected (N, h, w) per level "
+                            f"with (h, w) = {shapes}, top first")
+        if any(g.numel() and (g.min() < 0 or g.max() >= k) for g in grids):
+            raise UserError(f"codes outside 0..{k - 1}, the codebook of this sampler")
+        return to_uint8(self.vqvae.decode_codes(grids)).permute(0, 2, 3, 1).cpu().numpy()
+
     def generate(self, num: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, labels: Any = "uniform",
                  guidance: float = 1.0, seed: int = 0, batch_size: int = 250) -> np.ndarray:
         """``num`` uint8 images (N, H, W, C)."""
@@ -216,7 +261,7 @@ class Sampler(nn.Module):
 _README = """# Exported sampler
 
 `config.json` (architecture, shapes, sampling defaults, sha256 of the weights) and `model.safetensors`
-(the VQ-VAE-2 decoder with its codebooks, and one autoregressive prior per level). No pickle.
+(the VQ-VAE-2, encoder, codebooks and decoder, and one autoregressive prior per level). No pickle.
 
 Load it with only the `pipeline` package installed:
 

@@ -7,10 +7,12 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.io import UserError
 from pipeline.sample import build_sampler
 from pipeline.sampler import Sampler
+from tests.conftest import assert_same_images
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +24,11 @@ def test_export_matches_training_checkpoints_and_npz(smoke_run, sampler):
     exported = Sampler.from_pretrained(smoke_run / "sampler")
     a = sampler.generate(12, seed=3, top_k=5, labels="uniform")
     b = exported.generate(12, seed=3, top_k=5, labels="uniform")
-    assert np.array_equal(a, b)
-    with np.load(smoke_run / "samples" / "samples.npz") as z:  # the sample stage's images, same settings
-        assert np.array_equal(exported.generate(40, seed=0, batch_size=7), z["images"])
+    assert np.array_equal(a, b)  # the same computation: exact
+    with np.load(smoke_run / "samples" / "samples.npz") as z:  # the sample stage's images, another batch size
+        got = exported.generate_samples(40, seed=0, batch_size=7)
+        assert_same_images(got.images, got.codes, z["images"], [z["codes_top"], z["codes_bottom"]])
+        assert np.array_equal(got.labels, z["labels"])
 
 
 def test_export_round_trip_in_fresh_process(smoke_run, sampler, tmp_path):
@@ -32,23 +36,24 @@ def test_export_round_trip_in_fresh_process(smoke_run, sampler, tmp_path):
         "import sys, numpy as np, torch; torch.set_num_threads(1)\n"
         "from pipeline import Sampler\n"
         "s = Sampler.from_pretrained(sys.argv[1])\n"
-        "np.save(sys.argv[2], s.generate(10, temperature=0.9, top_p=0.9, labels=[1, 2], guidance=1.5, seed=11))\n"
+        "x = s.generate_samples(10, temperature=0.9, top_p=0.9, labels=[1, 2], guidance=1.5, seed=11)\n"
+        "np.savez(sys.argv[2], images=x.images, top=x.codes[0], bottom=x.codes[1])\n"
     )
-    out = tmp_path / "imgs.npy"
+    out = tmp_path / "imgs.npz"
     subprocess.run([sys.executable, "-c", script, str(smoke_run / "sampler"), str(out)], check=True,
                    env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
-    here = sampler.generate(10, temperature=0.9, top_p=0.9, labels=[1, 2], guidance=1.5, seed=11)
-    assert np.array_equal(np.load(out), here)
+    here = sampler.generate_samples(10, temperature=0.9, top_p=0.9, labels=[1, 2], guidance=1.5, seed=11)
+    with np.load(out) as there:  # another process: within rounding
+        assert_same_images(there["images"], [there["top"], there["bottom"]], here.images, here.codes)
 
 
 def test_same_seed_same_images_whatever_the_batch_size(sampler):
     one = sampler.generate_samples(9, seed=5, batch_size=9)
     split = sampler.generate_samples(9, seed=5, batch_size=4)
-    assert np.array_equal(one.images, split.images)
-    assert all(np.array_equal(a, b) for a, b in zip(one.codes, split.codes))
+    assert_same_images(one.images, one.codes, split.images, split.codes)
     # image i is image i: a later slice of the stream equals the tail of the whole
     tail = sampler.generate_samples(4, seed=5, start=5, batch_size=3)
-    assert np.array_equal(tail.images, one.images[5:])
+    assert_same_images(tail.images, tail.codes, one.images[5:], [c[5:] for c in one.codes])
     assert not np.array_equal(sampler.generate(9, seed=6), one.images)
 
 
@@ -71,6 +76,8 @@ def test_labels_reach_the_codes(sampler):
         ({"temperature": 0.0}, "temperature=0.0"),
         ({"temperature": -1.0}, "temperature=-1.0"),
         ({"top_k": -2}, "top_k=-2"),
+        ({"guidance": float("inf")}, "guidance=inf: must be a finite number"),
+        ({"temperature": float("nan")}, "temperature=nan: must be a finite number"),
     ],
 )
 def test_bad_settings_give_one_line(sampler, kwargs, message):
@@ -92,7 +99,8 @@ def test_labels_of_unconditional_prior_are_refused(sampler):
             p.num_classes = c
 
 
-@pytest.mark.parametrize("damage", ["missing_weights", "missing_config", "tampered", "bad_json", "not_sampler"])
+@pytest.mark.parametrize("damage", ["missing_weights", "missing_config", "tampered", "bad_json", "not_sampler",
+                                    "old_version", "other_shapes"])
 def test_damaged_sampler_folder(smoke_run, tmp_path, damage):
     folder = tmp_path / "sampler"
     shutil.copytree(smoke_run / "sampler", folder)
@@ -111,11 +119,45 @@ def test_damaged_sampler_folder(smoke_run, tmp_path, damage):
     elif damage == "bad_json":
         config.write_text("{not json")
         message = "not valid JSON"
-    else:
+    elif damage == "not_sampler":
         config.write_text(json.dumps({"hello": 1}))
         message = "not a sampler config"
+    else:
+        values = json.loads(config.read_text())
+        if damage == "old_version":  # version 1 had no encoder
+            values["version"] = 1
+            message = "format version 1, this package reads 2; export it again"
+        else:
+            values["priors"][0]["net"]["n_embd"] *= 2
+            message = "does not describe the weights beside it"
+        config.write_text(json.dumps(values))
     with pytest.raises(UserError, match=message):
         Sampler.from_pretrained(folder)
+
+
+def test_export_holds_the_whole_vqvae_and_encodes_like_stage1(smoke_run):
+    """The encoder is exported and every tensor loads strictly: encode/decode use the trained weights."""
+    from pipeline.data import to_float
+    from pipeline.stage1 import load_vqvae
+
+    exported = Sampler.from_pretrained(smoke_run / "sampler")
+    vqvae, _, _ = load_vqvae(smoke_run)
+    trained, loaded = vqvae.state_dict(), exported.vqvae.state_dict()
+    assert trained.keys() == loaded.keys() and any(k.startswith("encoders.") for k in loaded)
+    assert all(torch.equal(trained[k], loaded[k]) for k in trained)  # copied tensors: exact
+    with np.load(smoke_run / "samples" / "samples.npz") as z:
+        images, codes = z["images"][:8], [z["codes_top"][:8], z["codes_bottom"][:8]]
+    got = exported.encode(images)
+    with torch.no_grad():  # the same weights, inputs and batch: the same computation
+        expected = vqvae.encode(to_float(torch.from_numpy(images).permute(0, 3, 1, 2)))
+    assert all(np.array_equal(g, e.numpy()) for g, e in zip(got, expected))
+    decoded = exported.decode(codes)
+    assert decoded.shape == images.shape and decoded.dtype == np.uint8
+    assert np.abs(decoded.astype(int) - images).max() <= 1  # the sampled images are the decoded codes
+    with pytest.raises(UserError, match="expected uint8"):
+        exported.encode(images.astype(np.float32))
+    with pytest.raises(UserError, match="codes outside"):
+        exported.decode([codes[0] + 1000, codes[1]])
 
 
 def test_generate_command_line(smoke_run, tmp_path):
