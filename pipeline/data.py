@@ -113,9 +113,9 @@ def _decode_column(ds, cfg: DataConfig, image_key: str, label_key: str, names: l
                 img.load()
                 out_pixels.append(fit_image(img, cfg.image_size, cfg.channels, where))
                 out_ok.append(True)
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
                 if cfg.on_corrupt == "error":
-                    raise UserError(f"cannot read image {where}: {err}; fix or remove it, or set "
+                    raise UserError(f"cannot read image {where}: {str(err).rstrip('.')}; fix or remove it, or set "
                                     "data.on_corrupt=skip") from None
                 out_pixels.append(np.zeros((cfg.channels, cfg.image_size, cfg.image_size), np.uint8))
                 out_ok.append(False)
@@ -128,7 +128,9 @@ def _decode_column(ds, cfg: DataConfig, image_key: str, label_key: str, names: l
     ds = ds.map(convert, batched=True, batch_size=256, remove_columns=ds.column_names, features=feats,
                 desc="preparing images")
     skipped = len(ds) - int(np.sum(ds["ok"]))
-    ds = ds.filter(lambda ok: ok, input_columns="ok").remove_columns("ok")
+    if skipped:
+        ds = ds.filter(lambda ok: ok, input_columns="ok", desc="dropping unreadable images")
+    ds = ds.remove_columns("ok")
     if skipped:
         warnings.warn(f"skipped {skipped} unreadable image(s) (data.on_corrupt=skip)", stacklevel=2)
     return ds, skipped
@@ -137,18 +139,24 @@ def _decode_column(ds, cfg: DataConfig, image_key: str, label_key: str, names: l
 def _load_folder(cfg: DataConfig):
     import datasets
 
-    root = Path(cfg.path)
+    root = Path(cfg.path).expanduser()
     if not root.is_dir():
         raise UserError(f"data.path={cfg.path} is not a folder; point data.path at a folder of images")
     files = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
     if not files:
         raise UserError(f"data.path={cfg.path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
                         "add images or fix the path")
-    ds = datasets.load_dataset("imagefolder", data_dir=str(root), split="train")
-    label_key = "label" if "label" in ds.column_names else ""
-    num_classes = ds.features["label"].num_classes if label_key else 0
-    ds, skipped = _decode_column(ds, cfg, "image", label_key)
-    return ds, num_classes, skipped
+    files.sort()
+    # class sub-folders give labels: every image inside a first-level sub-folder, and at least two of them
+    classes = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
+    labelled = len(classes) >= 2 and all(len(p.relative_to(root).parts) > 1 for p in files)
+    columns = {"image": [str(p) for p in files]}
+    if labelled:
+        index = {name: i for i, name in enumerate(classes)}
+        columns["label"] = [index[p.relative_to(root).parts[0]] for p in files]
+    ds = datasets.Dataset.from_dict(columns)  # built here, not by load_dataset: nothing is cached or "downloaded"
+    ds, skipped = _decode_column(ds, cfg, "image", "label" if labelled else "")
+    return ds, len(classes) if labelled else 0, skipped
 
 
 def _load_hub(cfg: DataConfig):

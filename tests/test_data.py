@@ -41,11 +41,34 @@ def make_folder(root, n_per_class=4, mode="L", size=20):
     return root
 
 
-def test_image_folder_with_class_subfolders(tmp_path):
+def test_image_folder_with_class_subfolders(tmp_path, capfd, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # nothing may be cached or "downloaded" for local files
     root = make_folder(tmp_path / "imgs")
     data = load_image_data(DataConfig(source="folder", path=str(root), image_size=16, holdout_fraction=0.25))
     assert len(data.train) + len(data.holdout) == 8 and data.num_classes == 2
     assert sorted(torch.cat([data.train.labels, data.holdout.labels]).tolist()) == [0] * 4 + [1] * 4
+    err = capfd.readouterr().err
+    assert "Downloading" not in err and "Generating" not in err and "preparing images" in err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_image_folder_path_with_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    make_folder(tmp_path / "my images")
+    data = load_image_data(DataConfig(source="folder", path="~/my images", image_size=16, holdout_fraction=0.25))
+    assert len(data.train) + len(data.holdout) == 8
+
+
+def test_decompression_bomb_is_an_unreadable_image(tmp_path):
+    from tests.test_user_errors import bomb_png
+
+    root = make_folder(tmp_path / "imgs")
+    bomb_png(root / "dog" / "bomb.png")
+    with pytest.warns(UserWarning, match="skipped 1 unreadable image"):
+        data = load_image_data(DataConfig(source="folder", path=str(root), image_size=16, holdout_fraction=0.25))
+    assert data.skipped == 1
+    with pytest.raises(UserError, match="cannot read image .*bomb.png: .*decompression bomb.*data.on_corrupt=skip"):
+        load_image_data(DataConfig(source="folder", path=str(root), image_size=16, on_corrupt="error"))
 
 
 def test_corrupt_images_skipped_with_a_count_or_refused(tmp_path):
