@@ -66,6 +66,16 @@ def test_resume_applies_changed_optimizer_settings_and_says_so(smoke_run, tmp_pa
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["stage1"]["lr"] == 5e-4
 
 
+def test_grid_images_zero_writes_no_grid(smoke_run, tmp_path, capsys):
+    run_dir = copy_run(smoke_run, tmp_path / "copy", parts=("config.yaml", "stage1", "codes", "stage2"))
+    assert run(sample, run_dir, "sample.grid_images=0", "sample.num=4") == 0
+    assert (run_dir / "samples" / "samples.npz").is_file() and not (run_dir / "samples" / "grid.png").exists()
+    assert "grid.png" not in capsys.readouterr().out
+    new = tmp_path / "new"
+    assert run(stage1, new, "stage1.grid_images=0", "stage1.max_steps=2") == 0
+    assert (new / "stage1" / "best.ckpt").is_file() and not (new / "stage1" / "reconstructions.png").exists()
+
+
 def test_stage1_refuses_checkpoint_of_another_config(smoke_run, tmp_path, capsys):
     import shutil
 
