@@ -83,3 +83,29 @@ def copy_run(src: Path, dst: Path, parts=("config.yaml", "stage1", "codes", "sta
         elif (src / part).is_file():
             shutil.copy2(src / part, dst / part)
     return dst
+
+
+def image_folder(root: Path, n: int = 6) -> Path:
+    """Two class sub-folders ``a`` and ``b`` of ``n`` random grey 20 px PNGs each."""
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            arr = np.random.default_rng(i).integers(0, 255, (20, 20)).astype(np.uint8)
+            Image.fromarray(arr, "L").save(root / cls / f"{i}.png")
+    return root
+
+
+def bomb_png(path: Path, side: int = 20_000) -> Path:
+    """A tiny PNG whose header claims side x side pixels: PIL refuses it as a decompression bomb when opened."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)  # 8-bit grey
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b""))
+                     + chunk(b"IEND", b""))
+    return path

@@ -7,14 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from pipeline.generate import main as generate
 from stages import evaluate, sample, stage1, stage2
-from tests.conftest import SMOKE, run
+from tests.conftest import SMOKE, image_folder, run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,13 +76,6 @@ def test_devices_that_do_not_exist(tmp_path, capsys):
 # data
 
 
-def image_folder(root: Path, n: int = 6) -> Path:
-    for cls in ("a", "b"):
-        (root / cls).mkdir(parents=True)
-        for i in range(n):
-            arr = np.random.default_rng(i).integers(0, 255, (20, 20)).astype(np.uint8)
-            Image.fromarray(arr, "L").save(root / cls / f"{i}.png")
-    return root
 
 
 @pytest.mark.parametrize("case", ["missing", "empty"])

@@ -8,6 +8,7 @@ from PIL import Image
 from pipeline.config import DataConfig
 from pipeline.data import fit_image, load_image_data, to_float, to_uint8
 from pipeline.io import UserError
+from tests.conftest import bomb_png
 
 
 def test_embedded_digits_split_and_scale():
@@ -60,8 +61,6 @@ def test_image_folder_path_with_home(tmp_path, monkeypatch):
 
 
 def test_decompression_bomb_is_an_unreadable_image(tmp_path):
-    from tests.test_user_errors import bomb_png
-
     root = make_folder(tmp_path / "imgs")
     bomb_png(root / "dog" / "bomb.png")
     with pytest.warns(UserWarning, match="skipped 1 unreadable image"):

@@ -8,18 +8,14 @@ import os
 import re
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from tests.conftest import SMOKE, copy_run
+from tests.conftest import SMOKE, bomb_png, copy_run, image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 PROGRESS = re.compile(r"^[^:]*:\s*\d+%\|| examples/s\]$| it/s\]$|\d+ examples \[")  # tqdm lines
@@ -76,24 +72,8 @@ def finished(smoke_run, tmp_path_factory) -> Path:
     return copy_run(smoke_run, tmp_path_factory.mktemp("finished") / "run")
 
 
-def bomb_png(path: Path, side: int = 20_000) -> Path:
-    """A tiny PNG whose header claims side x side pixels: PIL refuses it as a decompression bomb when opened."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)  # 8-bit grey
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b""))
-                     + chunk(b"IEND", b""))
-    return path
 
 
-def image_folder(root: Path, n: int = 6) -> Path:
-    for cls in ("a", "b"):
-        (root / cls).mkdir(parents=True)
-        for i in range(n):
-            arr = np.random.default_rng(i).integers(0, 255, (20, 20)).astype(np.uint8)
-            Image.fromarray(arr, "L").save(root / cls / f"{i}.png")
-    return root
 
 
 # ---------------------------------------------------------------------------------------------------------
