@@ -129,5 +129,5 @@ def extract_codes(model, stage1_ckpt: Path, train: ImageSet, holdout: ImageSet, 
 def load_manifest(folder: Path) -> dict:
     path = Path(folder) / "manifest.json"
     if not path.exists():
-        raise UserError(f"no code extraction at {folder}; run `make stage2` first")
+        raise UserError(f"no code extraction at {folder}")
     return json.loads(path.read_text())

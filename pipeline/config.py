@@ -309,6 +309,16 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     return config_from_dict(values)
 
 
+def config_diff(a: dict[str, Any], b: dict[str, Any], sections: tuple[str, ...]) -> list[str]:
+    """``section.key: old -> new`` for every key whose value differs between two config dicts, in ``sections``."""
+    out = []
+    for sec in sections:
+        for key in sorted(set(a.get(sec, {})) | set(b.get(sec, {}))):
+            if a.get(sec, {}).get(key) != b.get(sec, {}).get(key):
+                out.append(f"{sec}.{key}: {a.get(sec, {}).get(key)!r} -> {b.get(sec, {}).get(key)!r}")
+    return out
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     from pipeline.io import atomic_write_text
 
@@ -343,6 +353,8 @@ def _check_train(name: str, t: TrainConfig) -> None:
 
 
 def validate(cfg: Config) -> None:
+    from pipeline.sampling import check_sampling_settings
+
     d, f, v = cfg.data, cfg.fabric, cfg.vqvae
     _check_choice("data.source", d.source, ("embedded", "folder", "hub"))
     if d.source == "embedded":
@@ -404,10 +416,10 @@ def validate(cfg: Config) -> None:
     s = cfg.sample
     _check(s.num >= 1, "sample.num", s.num, "must be >= 1")
     _check(s.batch_size >= 1, "sample.batch_size", s.batch_size, "must be >= 1")
-    _check(s.temperature > 0, "sample.temperature", s.temperature, "must be > 0 (top_k=1 gives greedy decoding)")
-    _check(s.top_k >= 0, "sample.top_k", s.top_k, "must be >= 0 (0 = off)")
-    _check(0 < s.top_p <= 1, "sample.top_p", s.top_p, "must be in (0, 1] (1 = off)")
-    _check(s.guidance >= 0, "sample.guidance", s.guidance, "must be >= 0 (1 = off)")
+    try:
+        check_sampling_settings(s.temperature, s.top_k, s.top_p, s.guidance, prefix="sample.")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     _check(s.seed >= 0, "sample.seed", s.seed, "must be >= 0 (image i depends only on the seed, i and the settings)")
     _check(s.grid_images >= 0, "sample.grid_images", s.grid_images, "must be >= 0 (0 = no grid)")
 

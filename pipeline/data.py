@@ -211,6 +211,12 @@ class ImageSet(Dataset):
         return self.__getitems__(list(range(n)))[0]
 
 
+def seeded_subset(images: ImageSet, n: int, seed: int) -> torch.Tensor:
+    """The pixels of ``n`` images drawn without replacement by ``seed`` (in index order): a fixed reference set."""
+    idx = np.random.default_rng(seed).permutation(len(images))[:n]
+    return images.__getitems__(sorted(idx.tolist()))[0]
+
+
 @dataclass
 class ImageData:
     train: ImageSet

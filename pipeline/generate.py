@@ -29,9 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
     args = parser.parse_args(argv)
 
-    from pipeline.cli import debug_requested, report_errors
     from pipeline.images import grid_image
-    from pipeline.io import UserError, atomic_save_png, atomic_savez
+    from pipeline.io import UserError, atomic_save_png, atomic_savez, debug_requested, report_errors
     from pipeline.sampler import Sampler
 
     def generate() -> None:

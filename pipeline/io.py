@@ -1,4 +1,4 @@
-"""Files: atomic writes, safe checkpoint loading, and the user-facing error type.
+"""Files: atomic writes, safe checkpoint loading, the user-facing error type and how errors reach the user.
 
 Every file a run writes goes to a temporary name in the same folder first and is then renamed, so a
 killed process never leaves a half-written checkpoint, config or image behind.
@@ -11,6 +11,7 @@ import os
 import pickle
 import re
 import shutil
+import sys
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -125,3 +126,53 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(ckpt, dict):
         raise UserError(f"checkpoint {path} does not hold a dict; it was not written by this project")
     return ckpt
+
+
+# ----------------------------------------------------------------------------------------------------------
+# errors, as the user sees them
+
+
+def debug_requested(args) -> bool:
+    """--debug on the command line, or DEBUG set (not 0) in the environment."""
+    return bool(getattr(args, "debug", False)) or os.environ.get("DEBUG", "") not in ("", "0")
+
+
+def os_error_message(err: OSError) -> str:
+    """One line for an operating-system error: the file, the reason, the fix."""
+    target = err.filename2 or err.filename  # a copy or rename names its source first, the file we meant second
+    where = f" {target}" if target else ""
+    reason = err.strerror or str(err)
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free some space on that disk or choose a run folder on another one"
+    elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        fix = "choose a writable run folder (RUN=... or --run) or fix the folder's permissions"
+    else:
+        fix = "check the path and the disk"
+    verb = "write" if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM) else "use"
+    return f"cannot {verb}{where}: {reason}; {fix} (files written before are kept)"
+
+
+def report_errors(fn: Callable[[], object], debug: bool) -> int:
+    """Run ``fn``; a user's error becomes one ``error:`` line and exit code 2 (the traceback with ``debug``)."""
+    from pipeline.config import ConfigError
+
+    try:
+        fn()
+    except (ConfigError, UserError, OSError) as err:
+        if debug:
+            raise
+        message = os_error_message(err) if isinstance(err, OSError) else str(err)
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        # Fabric's own launcher SIGKILLs the main process (rank 0) as soon as a child it started exits non-zero,
+        # which would turn rank 0's 130 into 137 while it is still exiting; the children's code reaches no user.
+        return 0 if _child_of_fabric_launcher() else 130
+    return 0
+
+
+def _child_of_fabric_launcher() -> bool:
+    """A process started by Fabric's subprocess launcher (not torchrun, ``fabric run`` or SLURM): LOCAL_RANK > 0."""
+    return (os.environ.get("LOCAL_RANK", "0") != "0" and "TORCHELASTIC_RUN_ID" not in os.environ
+            and "SLURM_JOB_ID" not in os.environ)

@@ -11,7 +11,6 @@ sees exactly the batches the uninterrupted run would have seen.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import signal
@@ -27,55 +26,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pipeline.config import FabricConfig, TrainConfig
+from pipeline.config import TrainConfig
 from pipeline.distributed import on_rank_zero
 from pipeline.io import UserError, as_os_error, load_checkpoint
 
-
-def make_fabric(cfg: FabricConfig, loggers: list | None = None, launch: bool = True):
-    """Fabric from the config, every setting explicit (a bare ``Fabric()`` under torchrun silently runs single
-    processes). Under ``fabric run`` (env LT_CLI_USED) the launcher already started the processes."""
-    from lightning_fabric import Fabric
-
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if cfg.accelerator in ("cuda", "gpu"):
-        available = torch.cuda.device_count()
-        if cfg.devices > available:
-            raise UserError(f"fabric.devices={cfg.devices} but {available} CUDA device(s) exist; lower fabric.devices")
-    elif cfg.accelerator == "cpu" and cfg.devices > (os.cpu_count() or 1) * 4:
-        raise UserError(f"fabric.devices={cfg.devices} processes on {os.cpu_count()} CPU core(s); lower fabric.devices")
-    if not os.environ.get("LT_CLI_USED") and torch.distributed.is_available() \
-            and torch.distributed.is_torchelastic_launched():
-        # torchrun started the processes: a Fabric that expects fewer would silently run each one alone
-        world, local = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        if cfg.devices * cfg.num_nodes != world:
-            raise UserError(f"torchrun started {world} process(es) ({local} per node) but fabric.devices="
-                            f"{cfg.devices} x fabric.num_nodes={cfg.num_nodes} = {cfg.devices * cfg.num_nodes}; "
-                            f"set fabric.devices={local} fabric.num_nodes={max(1, world // local)}")
-    strategy = cfg.strategy
-    if strategy == "auto" and (cfg.devices > 1 or cfg.num_nodes > 1):
-        strategy = "ddp"
-    if strategy == "fsdp":  # full (consolidated) state dicts: one checkpoint file that every stage can load
-        from pipeline.fsdp import FullStateFSDP
-
-        strategy = FullStateFSDP()
-    fabric = Fabric(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=strategy,
-                    precision=cfg.precision, loggers=loggers or [])
-    if launch and not os.environ.get("LT_CLI_USED"):
-        fabric.launch()
-    return fabric
-
-
-def make_loggers(log_dir: Path) -> list:
-    from lightning_fabric.loggers import CSVLogger
-
-    loggers: list = [CSVLogger(root_dir=str(log_dir), name="logs")]
-    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
-        from lightning_fabric.loggers import TensorBoardLogger
-
-        loggers.append(TensorBoardLogger(root_dir=str(log_dir), name="tensorboard"))
-    return loggers
+LAST_CKPT = "last.ckpt"  # the latest state, to resume from
+BEST_CKPT = "best.ckpt"  # the state with the best held-out metric
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -255,7 +211,7 @@ def fit(fabric, task: Task, tcfg: TrainConfig, out_dir: Path, fresh: bool = Fals
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
-    last = out_dir / "last.ckpt"
+    last = out_dir / LAST_CKPT
     fabric.seed_everything(tcfg.seed + fabric.global_rank, verbose=False)
     model = task.model
     if tcfg.channels_last:
@@ -379,7 +335,7 @@ def fit(fabric, task: Task, tcfg: TrainConfig, out_dir: Path, fresh: bool = Fals
                 value = metrics.get(task.best_metric)
                 if task.best_metric and value is not None and value < state["best"]:
                     state["best"] = value
-                    checkpoint(out_dir / "best.ckpt")
+                    checkpoint(out_dir / BEST_CKPT)
             saved = step % tcfg.checkpoint_every == 0 or step == tcfg.max_steps
             if saved:
                 checkpoint(last)
@@ -391,8 +347,8 @@ def fit(fabric, task: Task, tcfg: TrainConfig, out_dir: Path, fresh: bool = Fals
                 fabric.print(f"\n{desc}: interrupted; saved {last} at step {step}; run again to resume")
                 saved_on_stop = True
                 raise KeyboardInterrupt
-        if task.validate is not None and task.best_metric and not (out_dir / "best.ckpt").exists():
-            checkpoint(out_dir / "best.ckpt")  # e.g. a resumed run whose best was never written
+        if task.validate is not None and task.best_metric and not (out_dir / BEST_CKPT).exists():
+            checkpoint(out_dir / BEST_CKPT)  # e.g. a resumed run whose best was never written
     except KeyboardInterrupt:
         bar.close()
         if not saved_on_stop:  # a second Ctrl-C: the state may be mid-step, keep the last checkpoint

@@ -73,6 +73,13 @@ class VQVAEOutput:
     usage: list[torch.Tensor]  # per level, top first (fraction of the codebook used in this batch)
 
 
+def level_names(levels: int) -> list[str]:
+    """Names of the code levels, top first: ["top", "bottom"] for two; ["top", "middle1", ..., "bottom"] else."""
+    if levels == 1:
+        return ["top"]
+    return ["top"] + [f"middle{i}" for i in range(1, levels - 1)] + ["bottom"]
+
+
 class VQVAE2(nn.Module):
     def __init__(self, cfg: VQVAEConfig, in_channels: int = 1) -> None:
         """

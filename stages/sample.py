@@ -1,17 +1,71 @@
-"""Stage 3: sample images and export the sampler.  python -m stages.sample --config configs/mnist.yaml [key=value]"""
+"""Stage 3: sample images from the trained priors and decoder (temperature, top-k, top-p, labels, guidance from
+the ``sample`` config section), and export the self-contained sampler.
 
+    python -m stages.sample --config configs/mnist.yaml [key=value ...]
+"""
+
+import json
 import sys
+import time
 
-from pipeline.cli import run_main, stage_parser
+import numpy as np
+
+from pipeline.config import Config
+from pipeline.distributed import gather_rows, on_rank_zero, shard_indices
+from pipeline.fabric import make_fabric
+from pipeline.images import grid_image
+from pipeline.io import atomic_save_png, atomic_savez
+from pipeline.sampler import Samples
+from stages.cli import run_main, stage_parser
+from stages.runfolder import RunFolder, build_sampler
+
+
+def sampling_settings(cfg: Config) -> dict:
+    s = cfg.sample
+    return {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "labels": s.labels,
+            "guidance": s.guidance, "seed": s.seed}
+
+
+def run_sample(cfg: Config, run: RunFolder) -> Samples | None:
+    sampler = build_sampler(run)
+    fabric = make_fabric(cfg.fabric)
+    sampler = sampler.to(fabric.device)
+    settings = sampling_settings(cfg)
+    s = cfg.sample
+    sampler.resolve_labels(s.labels, [0], s.seed)  # bad labels fail here, before anything is written
+    on_rank_zero(fabric, lambda: sampler.save_pretrained(run.sampler, settings))
+    indices = shard_indices(s.num, fabric.global_rank, fabric.world_size)
+    start = time.perf_counter()
+    part = sampler.generate_samples(len(indices), s.temperature, s.top_k, s.top_p, s.labels, s.guidance, s.seed,
+                                    s.batch_size, indices=indices, progress=fabric.global_rank == 0)
+    gathered = gather_rows(fabric, [part.images, part.labels, *part.codes], s.num)
+    samples = None if gathered is None else Samples(images=gathered[0], labels=gathered[1], codes=gathered[2:])
+    elapsed = time.perf_counter() - start
+
+    def write() -> None:  # rank 0 only
+        grid = None  # built before anything is written, so a failure leaves the previous files as they were
+        if s.grid_images:
+            shown = samples.images[: s.grid_images]
+            order = np.argsort(samples.labels[: s.grid_images], kind="stable") if sampler.num_classes else None
+            grid = grid_image(shown if order is None else shown[order], scale=2)
+        arrays = {f"codes_{n}": c for n, c in zip(sampler.level_names, samples.codes)}
+        atomic_savez(run.samples_npz, images=samples.images, labels=samples.labels,
+                     settings=np.asarray(json.dumps(settings)), **arrays)
+        if grid is not None:
+            atomic_save_png(run.sample_grid, grid)
+        written = f"{run.samples_npz}" + (f", {run.sample_grid}" if grid is not None else "")
+        fabric.print(f"sample: {s.num} images in {elapsed:.1f} s ({s.num / elapsed:.0f} img/s) -> {written}; "
+                     f"sampler exported to {run.sampler}")
+
+    on_rank_zero(fabric, write)  # a failure there stops every rank with its message
+    return samples
 
 
 def main(argv=None) -> int:
-    from pipeline.sample import run_sample
-
     parser = stage_parser(
         "sample",
-        "Sample images (RUN/samples/samples.npz, grid.png) with temperature, top-k, top-p, labels and "
-        "guidance from the sample.* config keys, and export the sampler (RUN/sampler/).",
+        "Sample images (RUN/samples/samples.npz, grid.png) with temperature, top-k, top-p, labels and guidance from "
+        "the sample.* config keys, and export the sampler (RUN/sampler/).",
         ("fabric", "sample"),
         example="sample.num=64 sample.labels=7 sample.guidance=2",
     )

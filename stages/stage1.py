@@ -1,13 +1,84 @@
-"""Stage 1: train the VQ-VAE-2.  python -m stages.stage1 --config configs/mnist.yaml [key=value]"""
+"""Stage 1: train the hierarchical VQ-VAE-2 on images with the shared Fabric loop; held-out reconstruction and
+codebook metrics at every evaluation, and a grid of originals over reconstructions.
+
+    python -m stages.stage1 --config configs/mnist.yaml [key=value ...]
+"""
 
 import sys
+from pathlib import Path
 
-from pipeline.cli import run_main, stage_parser
+import torch
+
+from pipeline.config import Config, config_diff, save_config
+from pipeline.data import ImageSet, load_image_data, to_float, to_uint8
+from pipeline.distributed import on_rank_zero
+from pipeline.fabric import make_fabric, make_loggers
+from pipeline.images import save_grid
+from pipeline.io import load_checkpoint
+from pipeline.metrics.reconstruction import reconstruction_stats
+from pipeline.training import LAST_CKPT, Task, fit
+from pipeline.vqvae import VQVAE2, level_names
+from stages.cli import run_main, stage_parser
+from stages.runfolder import RunFolder, check_resumable
+
+STAGE1_KEYS = ("data", "vqvae")  # the config sections a stage-1 model depends on
+
+
+def save_reconstructions(fabric, path: Path, model, holdout: ImageSet, n: int) -> None:
+    """Originals over reconstructions; every rank runs the model (a collective under FSDP), rank 0 writes."""
+    pixels = holdout.all_pixels(n)
+    with torch.no_grad():
+        recon = model(to_float(fabric.to_device(pixels))).reconstruction
+    on_rank_zero(fabric, lambda: save_grid(path, torch.cat([pixels, to_uint8(recon).cpu()]), nrow=min(n, 16)))
+
+
+def run_stage1(cfg: Config, run: RunFolder, fresh: bool = False) -> dict[str, float]:
+    last = run.stage1 / LAST_CKPT
+    if last.exists() and not fresh:
+        trained_for = load_checkpoint(last)["meta"]["config"]
+        check_resumable(last, config_diff(trained_for, cfg.to_dict(), STAGE1_KEYS), "config", "stage1")
+    data = load_image_data(cfg.data)
+    fabric = make_fabric(cfg.fabric, loggers=make_loggers(run.stage1))
+    on_rank_zero(fabric, lambda: save_config(cfg, run.config))
+    if fabric.global_rank == 0:
+        fabric.print(f"stage 1: {len(data.train)} train / {len(data.holdout)} held-out images, "
+                     f"{data.image_size}px x {data.channels}ch; run folder {run}")
+    torch.manual_seed(cfg.stage1.seed)
+    model = VQVAE2(cfg.vqvae, in_channels=cfg.data.channels)
+    n_params = sum(p.numel() for p in model.parameters())
+    fabric.print(f"VQ-VAE-2: {n_params / 1e6:.2f}M parameters, grids {model.grid_shapes(cfg.data.image_size)} "
+                 f"(top first), {cfg.vqvae.codebook_size} codes x {cfg.vqvae.code_dim} per level")
+    names = level_names(cfg.vqvae.levels)
+
+    def training_step(fabric, model, batch, step):
+        pixels, _ = batch
+        x = to_float(pixels)
+        if cfg.stage1.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = model(x)
+        logs = {"recon_mse": out.recon_loss.detach()}
+        for name, u, p in zip(names, out.usage, out.perplexity):
+            logs[f"usage_{name}"], logs[f"perplexity_{name}"] = u, p
+        return out.loss, logs
+
+    def validate(fabric, model, step):
+        metrics = reconstruction_stats(fabric, model, data.holdout).metrics
+        if cfg.stage1.grid_images:
+            save_reconstructions(fabric, run.stage1_grid, model, data.holdout, cfg.stage1.grid_images)
+        return metrics
+
+    task = Task(model=model, train_set=data.train, training_step=training_step, validate=validate,
+                best_metric="mse", units="img", num_workers=cfg.data.num_workers,
+                progress_keys=tuple(f"usage_{n}" for n in names),
+                meta={"config": cfg.to_dict(), "num_classes": data.num_classes, "stage": "stage1"})
+    metrics = fit(fabric, task, cfg.stage1, run.stage1, fresh=fresh, desc="stage 1")
+    if fabric.global_rank == 0 and metrics:
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        fabric.print(f"stage 1 done: held-out {summary}; checkpoints in {run.stage1}")
+    return metrics
 
 
 def main(argv=None) -> int:
-    from pipeline.stage1 import run_stage1
-
     parser = stage_parser(
         "stage1",
         "Stage 1: train the VQ-VAE-2 (checkpoints, logs and a reconstruction grid in RUN/stage1/).",

@@ -1,13 +1,77 @@
-"""The truncation sweep.  python -m stages.sweep --config configs/mnist.yaml [key=value]"""
+"""The truncation trade-off (``make sweep``): sample at several temperatures and top-p values, score each
+setting with FID, precision and recall against the same real reference, and plot precision against recall
+(Kynkaanniemi et al. 2019: lower temperature or a smaller nucleus buys precision with recall).
 
+    python -m stages.sweep --config configs/mnist.yaml [key=value ...]
+"""
+
+import json
 import sys
+import time
 
-from pipeline.cli import run_main, stage_parser
+import torch
+
+from pipeline.config import Config
+from pipeline.data import load_image_data, seeded_subset
+from pipeline.distributed import on_rank_zero, rank_zero_first, shard_indices
+from pipeline.fabric import make_fabric
+from pipeline.io import atomic_write_text
+from pipeline.metrics import fid_from_features, precision_recall
+from pipeline.metrics.extract import features_of, make_extractor
+from pipeline.metrics.report import sweep_plot
+from stages.cli import run_main, stage_parser
+from stages.runfolder import RunFolder, build_sampler, load_vqvae
+
+
+def sweep_settings(cfg: Config) -> list[dict]:
+    e = cfg.evaluate
+    base = {"temperature": 1.0, "top_k": cfg.sample.top_k, "top_p": 1.0}
+    out = [dict(base, temperature=t) for t in e.sweep_temperatures]
+    out += [dict(base, top_p=p) for p in e.sweep_top_p if p < 1.0]
+    return out
+
+
+def run_sweep(cfg: Config, run: RunFolder) -> list[dict] | None:
+    t0 = time.perf_counter()
+    sampler = build_sampler(run)
+    _, cfg1, _ = load_vqvae(run)
+    fabric = make_fabric(cfg.fabric)
+    sampler = sampler.to(fabric.device)
+    data = load_image_data(cfg1.data)
+    # rank 0 trains (or loads) and caches the domain classifier, then the others load that file
+    extractor, _ = rank_zero_first(fabric, lambda: make_extractor(cfg.evaluate, run.classifier, data,
+                                                                  log=fabric.print))
+    extractor.module.to(fabric.device)
+    e, s = cfg.evaluate, cfg.sample
+    n = min(e.sweep_num, len(data.train), len(data.holdout))
+    f_ref, _ = features_of(fabric, extractor, seeded_subset(data.train, n, seed=0), n, e.batch_size, "reference")
+    f_held, _ = features_of(fabric, extractor, data.holdout.all_pixels(n), n, e.batch_size, "held-out")
+    results = []
+    for setting in sweep_settings(cfg):
+        indices = shard_indices(n, fabric.global_rank, fabric.world_size)
+        part = sampler.generate_samples(len(indices), setting["temperature"], setting["top_k"], setting["top_p"],
+                                        s.labels, s.guidance, s.seed, s.batch_size, indices=indices)
+        pixels = torch.from_numpy(part.images).permute(0, 3, 1, 2)  # this rank's (n_rank, H, W, C) -> NCHW
+        f_fake, _ = features_of(fabric, extractor, pixels, n, e.batch_size, "samples", sharded=True)
+        if fabric.global_rank == 0:
+            r = {**setting, "vary": "temperature" if setting["top_p"] == 1.0 else "top_p",
+                 "fid": fid_from_features(f_ref, f_fake), **precision_recall(f_ref, f_fake, k=e.k)}
+            results.append(r)
+            fabric.print(f"sweep: T={r['temperature']:g} top_p={r['top_p']:g}: FID {r['fid']:.3g}, precision "
+                         f"{r['precision']:.3f}, recall {r['recall']:.3f}")
+
+    def write() -> list[dict]:  # rank 0 only
+        floor = {"fid": fid_from_features(f_ref, f_held), **precision_recall(f_ref, f_held, k=e.k)}
+        atomic_write_text(run.sweep_json, json.dumps({"num": n, "k": e.k, "real_floor": floor, "results": results},
+                                                     indent=1))
+        sweep_plot(run.sweep_png, results, floor)
+        fabric.print(f"sweep: {run.sweep_json}, {run.sweep_png} ({time.perf_counter() - t0:.0f} s)")
+        return results
+
+    return on_rank_zero(fabric, write)  # a failure there stops every rank with its message
 
 
 def main(argv=None) -> int:
-    from pipeline.sweep import run_sweep
-
     parser = stage_parser(
         "sweep",
         "Sample at each evaluate.sweep_temperatures and evaluate.sweep_top_p value, score FID, precision and "

@@ -2,7 +2,7 @@
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 -m tests.mp_helper DIR OUT.json [key=value ...]
 
-Every rank runs the real stage-1 code (``pipeline.stage1.run_stage1`` on configs/smoke.yaml with
+Every rank runs the real stage-1 code (``stages.stage1.run_stage1`` on configs/smoke.yaml with
 fabric.devices=2, so ``make_fabric`` sees the torchrun environment and launches nothing itself); ``fit`` is
 wrapped to keep the task's model, a fingerprint of every batch the rank trained on, and a hash of the model's
 state (parameters and buffers: codebooks, EMA counts and sums, restart counters) at the start of every step,
@@ -35,8 +35,9 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
-    import pipeline.stage1 as stage1
+    import stages.stage1 as stage1
     from pipeline.config import load_config
+    from stages.runfolder import RunFolder
 
     cfg = load_config("configs/smoke.yaml", ["fabric.devices=2", *args.overrides])
     captured: dict = {"batches": [], "steps": []}
@@ -59,7 +60,7 @@ def main() -> None:
         return real_fit(fabric, task, *a, **kw)
 
     stage1.fit = fit_and_capture
-    stage1.run_stage1(cfg, Path(args.run))
+    stage1.run_stage1(cfg, RunFolder(Path(args.run)))
 
     fabric, model = captured["fabric"], captured["model"]
     mine = {"rank": fabric.global_rank, "world": fabric.world_size, "hashes": state_hashes(model),

@@ -22,8 +22,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from pipeline.config import FabricConfig, TrainConfig
+from pipeline.fabric import make_fabric
 from pipeline.io import load_checkpoint
-from pipeline.training import Task, fit, make_fabric
+from pipeline.training import Task, fit
 
 
 def task(ctrl_c_at: int = -1) -> Task:

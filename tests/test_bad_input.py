@@ -138,7 +138,7 @@ def test_priors_of_another_stage1_model_are_refused(smoke_run, tmp_path, capsys)
         refused(capsys, run(module, run_dir), "prior", "was trained on the codes of another stage-1 model",
                 "--fresh")
     assert written(run_dir / "sampler") == [] and written(run_dir / "eval") == []
-    refused(capsys, run(stage2, run_dir), "was trained for a different stage-1 model", "--fresh")
+    refused(capsys, run(stage2, run_dir), "was trained with a different stage-1 model", "--fresh")
     assert half_written(run_dir) == []
 
 

@@ -58,4 +58,4 @@ def test_stage2_resumes_and_refuses_a_changed_stage1(smoke_run, tmp_path, capsys
     assert run(stage2, run_dir, "stage2.max_steps=30") == 2
     captured = capsys.readouterr()
     assert "extracting again" in captured.out
-    assert "trained for a different stage-1 model" in captured.err and "--fresh" in captured.err
+    assert "trained with a different stage-1 model" in captured.err and "--fresh" in captured.err

@@ -17,8 +17,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from pipeline.config import FabricConfig, TrainConfig
+from pipeline.fabric import make_fabric
 from pipeline.io import UserError, load_checkpoint
-from pipeline.training import Task, fit, make_fabric
+from pipeline.training import Task, fit
 from stages import stage1, stage2
 from tests.conftest import SMOKE, copy_run, run
 

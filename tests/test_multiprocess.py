@@ -22,8 +22,9 @@ import torch
 
 from pipeline.config import FabricConfig
 from pipeline.distributed import on_rank_zero, rank_zero_first
+from pipeline.fabric import make_fabric
 from pipeline.io import UserError, load_checkpoint
-from pipeline.training import StepSampler, make_fabric
+from pipeline.training import StepSampler
 from stages import evaluate, sample, stage1
 from tests.conftest import SMOKE, assert_same_images, copy_run, run
 

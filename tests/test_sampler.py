@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from pipeline.io import UserError
-from pipeline.sample import build_sampler
 from pipeline.sampler import Sampler
+from stages.runfolder import RunFolder, build_sampler, load_vqvae
 from tests.conftest import assert_same_images
 
 
 @pytest.fixture(scope="module")
 def sampler(smoke_run):
-    return build_sampler(smoke_run)
+    return build_sampler(RunFolder(smoke_run))
 
 
 def test_export_matches_training_checkpoints_and_npz(smoke_run, sampler):
@@ -76,8 +76,8 @@ def test_labels_reach_the_codes(sampler):
         ({"temperature": 0.0}, "temperature=0.0"),
         ({"temperature": -1.0}, "temperature=-1.0"),
         ({"top_k": -2}, "top_k=-2"),
-        ({"guidance": float("inf")}, "guidance=inf: must be a finite number"),
-        ({"temperature": float("nan")}, "temperature=nan: must be a finite number"),
+        ({"guidance": float("inf")}, "guidance=inf is not allowed: must be >= 0 and finite"),
+        ({"temperature": float("nan")}, "temperature=nan is not allowed: must be > 0 and finite"),
     ],
 )
 def test_bad_settings_give_one_line(sampler, kwargs, message):
@@ -138,10 +138,9 @@ def test_damaged_sampler_folder(smoke_run, tmp_path, damage):
 def test_export_holds_the_whole_vqvae_and_encodes_like_stage1(smoke_run):
     """The encoder is exported and every tensor loads strictly: encode/decode use the trained weights."""
     from pipeline.data import to_float
-    from pipeline.stage1 import load_vqvae
 
     exported = Sampler.from_pretrained(smoke_run / "sampler")
-    vqvae, _, _ = load_vqvae(smoke_run)
+    vqvae, _, _ = load_vqvae(RunFolder(smoke_run))
     trained, loaded = vqvae.state_dict(), exported.vqvae.state_dict()
     assert trained.keys() == loaded.keys() and any(k.startswith("encoders.") for k in loaded)
     assert all(torch.equal(trained[k], loaded[k]) for k in trained)  # copied tensors: exact

@@ -1,22 +1,21 @@
-"""Shared command-line handling for the stage entry points: ``--config``, ``--run``, ``key=value``
-overrides, ``--debug``; one lock per run folder; user errors, including the operating system's (a read-only
-folder, a full disk), become one line on stderr and a non-zero exit code."""
+"""Command-line handling shared by the stages: ``--config``, ``--run``, ``key=value`` overrides, ``--debug``,
+``--help`` listing the stage's own config keys; one lock per run folder; user errors, including the operating
+system's (a read-only folder, a full disk), become one line on stderr and a non-zero exit code."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import inspect
-import os
 import re
-import sys
 import typing
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.config import Config, ConfigError, load_config
-from pipeline.io import UserError
+from pipeline.config import Config, load_config
+from pipeline.io import debug_requested, report_errors
+from pipeline.runlock import rank_zero_of_launch, run_folder_lock
+from stages.runfolder import RunFolder
 
 EPILOG = """\
 overrides: any key above as section.key=value, e.g. {example}
@@ -90,64 +89,19 @@ def default_run_dir(config_path: str) -> Path:
     return Path("runs") / Path(config_path).stem
 
 
-def debug_requested(args: argparse.Namespace) -> bool:
-    return bool(getattr(args, "debug", False)) or os.environ.get("DEBUG", "") not in ("", "0")
-
-
-def os_error_message(err: OSError) -> str:
-    """One line for an operating-system error: the file, the reason, the fix."""
-    target = err.filename2 or err.filename  # a copy or rename names its source first, the file we meant second
-    where = f" {target}" if target else ""
-    reason = err.strerror or str(err)
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        fix = "free some space on that disk or choose a run folder on another one"
-    elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        fix = "choose a writable run folder (RUN=... or --run) or fix the folder's permissions"
-    else:
-        fix = "check the path and the disk"
-    verb = "write" if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM) else "use"
-    return f"cannot {verb}{where}: {reason}; {fix} (files written before are kept)"
-
-
-def report_errors(fn: Callable[[], object], debug: bool) -> int:
-    """Run ``fn``; a user's error becomes one ``error:`` line and exit code 2 (the traceback with ``debug``)."""
-    try:
-        fn()
-    except (ConfigError, UserError, OSError) as err:
-        if debug:
-            raise
-        message = os_error_message(err) if isinstance(err, OSError) else str(err)
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        # Fabric's own launcher SIGKILLs the main process (rank 0) as soon as a child it started exits non-zero,
-        # which would turn rank 0's 130 into 137 while it is still exiting; the children's code reaches no user.
-        return 0 if _child_of_fabric_launcher() else 130
-    return 0
-
-
-def run_main(fn: Callable[[Config, Path, argparse.Namespace], None], parser: argparse.ArgumentParser,
+def run_main(fn: Callable[[Config, RunFolder, argparse.Namespace], None], parser: argparse.ArgumentParser,
              argv: list[str] | None = None) -> int:
-    """Parse, load the config, lock the run folder, call ``fn(cfg, run_dir, args)``; return the exit code."""
-    from pipeline.runlock import rank_zero_of_launch, run_folder_lock
-
+    """Parse, load the config, lock the run folder, call ``fn(cfg, run, args)``; return the exit code."""
     args = parser.parse_args(argv)
     args.fresh = getattr(args, "fresh", False)
 
     def main() -> None:
         cfg = load_config(Path(args.config).expanduser(), args.overrides)
-        run_dir = Path(args.run).expanduser() if args.run else default_run_dir(args.config)
+        run = RunFolder(Path(args.run).expanduser() if args.run else default_run_dir(args.config))
         if not rank_zero_of_launch():  # the launcher's other processes share rank 0's run
-            fn(cfg, run_dir, args)
+            fn(cfg, run, args)
             return
-        with run_folder_lock(run_dir):
-            fn(cfg, run_dir, args)
+        with run_folder_lock(run.root):
+            fn(cfg, run, args)
 
     return report_errors(main, debug_requested(args))
-
-
-def _child_of_fabric_launcher() -> bool:
-    """A process started by Fabric's subprocess launcher (not torchrun, ``fabric run`` or SLURM): LOCAL_RANK > 0."""
-    return (os.environ.get("LOCAL_RANK", "0") != "0" and "TORCHELASTIC_RUN_ID" not in os.environ
-            and "SLURM_JOB_ID" not in os.environ)

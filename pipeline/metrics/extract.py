@@ -1,0 +1,76 @@
+"""Feature extractors for the sample-quality metrics, and the one sharded feature pass every stage uses.
+
+``domain``: a small classifier trained on the labelled train split (its 128-d penultimate layer, and logits
+for the Inception Score); ``inception``: the standard FID Inception network from a local file (pool features,
+no classifier head).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.config import EvaluateConfig
+from pipeline.data import ImageData, to_float
+from pipeline.distributed import gather_rows, shard_indices
+from pipeline.io import UserError
+
+
+@dataclass
+class Extractor:
+    name: str  # domain | inception
+    module: torch.nn.Module
+    has_logits: bool
+
+    @torch.no_grad()
+    def __call__(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """uint8 (B, C, H, W) -> features (B, D) and logits (B, classes) or None."""
+        if self.name == "domain":
+            feats = self.module.features(to_float(pixels))
+            return feats, self.module.head(feats)
+        return self.module(pixels), None
+
+
+def make_extractor(e: EvaluateConfig, classifier_path: Path, data: ImageData, log=print) -> tuple[Extractor, dict]:
+    """The extractor ``e.extractor`` asks for; the domain classifier is cached at ``classifier_path``. Returns it
+    and what the report says about it (the classifier's held-out accuracy)."""
+    if e.extractor == "domain":
+        from pipeline.metrics.classifier import load_or_train_classifier
+
+        model, acc = load_or_train_classifier(classifier_path, data.train, data.holdout, data.num_classes,
+                                              e.classifier_steps, e.classifier_batch_size, log=log)
+        return Extractor("domain", model, True), {"classifier_heldout_accuracy": acc}
+    from pipeline.metrics.features import INCEPTION_ENV_VAR, InceptionFeatures
+
+    path = e.inception_path or os.environ.get(INCEPTION_ENV_VAR, "")
+    if not path or not Path(path).expanduser().is_file():
+        raise UserError(f"evaluate.extractor=inception needs the FID Inception weights file (evaluate."
+                        f"inception_path={path!r} not found); see README 'Inception weights offline', or use "
+                        "evaluate.extractor=domain")
+    return Extractor("inception", InceptionFeatures(Path(path).expanduser()), False), {}
+
+
+def features_of(fabric, extractor: Extractor, pixels: torch.Tensor, total: int, batch_size: int,
+                desc: str = "features", sharded: bool = False) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Features (and logits, or None) of ``total`` uint8 images (N, C, H, W), in batches, gathered in image order
+    on rank 0 (None elsewhere). ``pixels`` holds all images, or with ``sharded`` only this rank's shard (images
+    r, r + world, ..., as sampled by that rank)."""
+    from tqdm.auto import tqdm
+
+    if not sharded:
+        pixels = pixels[shard_indices(total, fabric.global_rank, fabric.world_size)]
+    feats, logits = [], []
+    for start in tqdm(range(0, len(pixels), batch_size), desc=desc, leave=False, disable=fabric.global_rank != 0):
+        f, lg = extractor(fabric.to_device(pixels[start : start + batch_size]))
+        feats.append(f.float().cpu())
+        if lg is not None:
+            logits.append(lg.float().cpu())
+    arrays = [torch.cat(feats).numpy()] + ([torch.cat(logits).numpy()] if logits else [])
+    out = gather_rows(fabric, arrays, total)
+    if out is None:
+        return None, None
+    return out[0], (out[1] if len(out) > 1 else None)

@@ -1,0 +1,153 @@
+"""The evaluation report: sample quality against a real reference (FID, Inception Score, precision/recall,
+density/coverage) and its real-data floor, as a console table and a Markdown page, and the plots beside it
+(codebook usage, the truncation sweep's precision against recall)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.io import atomic_write_bytes
+from pipeline.metrics.fid import fid_from_features, inception_score_from_logits
+from pipeline.metrics.prdc import precision_recall
+
+METRIC_KEYS = ("precision", "recall", "density", "coverage")
+
+
+def quality(ref: np.ndarray, other: np.ndarray, logits: np.ndarray | None, k: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"fid": fid_from_features(ref, other)}
+    out.update(precision_recall(ref, other, k=k))
+    if logits is not None:
+        mean, std = inception_score_from_logits(logits, splits=10 if len(logits) >= 100 else 1)
+        out["inception_score"] = {"mean": mean, "std": std}
+    else:
+        out["inception_score"] = "unavailable: the inception extractor has no classifier head"
+    return out
+
+
+def usage_plot(path: Path, histograms: dict[str, np.ndarray]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(histograms), figsize=(5 * len(histograms), 3.2), squeeze=False)
+    for ax, (name, hist) in zip(axes[0], histograms.items()):
+        used = (hist > 0).mean()
+        ax.bar(np.arange(len(hist)), np.sort(hist)[::-1], width=1.0, color="#3b6ea5")
+        ax.set_title(f"{name} codebook: {used:.0%} of {len(hist)} codes used")
+        ax.set_xlabel("codes, most used first")
+        ax.set_ylabel("held-out count")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> None:
+    """A matplotlib figure as a PNG, written atomically; the figure is closed."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def sweep_plot(path: Path, results: list[dict], floor: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    for kind, marker, color in (("temperature", "o", "#3b6ea5"), ("top_p", "s", "#c0504d")):
+        pts = [r for r in results if r["vary"] == kind]
+        if not pts:
+            continue
+        ax.plot([r["recall"] for r in pts], [r["precision"] for r in pts], marker=marker, color=color,
+                label=f"varying {kind.replace('_', '-')}")
+        for r in pts:
+            ax.annotate(f"{'T' if kind == 'temperature' else 'p'}={r[kind]:g}\nFID {r['fid']:.3g}",
+                        (r["recall"], r["precision"]), textcoords="offset points",
+                        xytext=(6, -18 if kind == "top_p" else 4), fontsize=7)
+    ax.scatter([floor["recall"]], [floor["precision"]], marker="*", s=140, color="black", label="real held-out")
+    ax.set_xlabel("recall (diversity)")
+    ax.set_ylabel("precision (quality)")
+    xs = [r["recall"] for r in results] + [floor["recall"]]
+    ys = [r["precision"] for r in results] + [floor["precision"]]
+    ax.set_xlim(max(0.0, min(xs) - 0.08), min(1.02, max(xs) + 0.08))  # zoom on the points, labels need room
+    ax.set_ylim(max(0.0, min(ys) - 0.08), min(1.02, max(ys) + 0.08))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    ax.set_title("Truncation trade-off: precision vs recall")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, dict) and "mean" in v:
+        return f"{v['mean']:.3f} ± {v['std']:.3f}"
+    if isinstance(v, float):
+        return f"{v:.4g}" if math.isfinite(v) else str(v)
+    if isinstance(v, str) and v.startswith("unavailable"):
+        return "unavailable (no classifier head)"
+    return str(v)
+
+
+def summary_table(report: dict) -> str:
+    rows = [("metric", "samples", "real floor")]
+    for key in ("fid", "inception_score", *METRIC_KEYS):
+        rows.append((key, _fmt(report[key]), _fmt(report["real_floor"][key])))
+    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, width)) for r in rows]
+    recon = report["recon"]
+    lines.append(f"recon: mse {recon['mse']:.4g}, psnr {recon['psnr']:.2f} dB, rFID {recon['rfid']:.3g}; codebook "
+                 + ", ".join(f"{n} {v['usage']:.0%} used (perplexity {v['perplexity']:.0f})"
+                             for n, v in report["codebook"].items()))
+    lines.append("prior NLL (bits/code): " + ", ".join(f"{k} {v:.3f}" for k, v in report["prior_nll_bits"].items()))
+    return "\n".join(lines)
+
+
+def report_markdown(report: dict, title: str, pictures: dict[str, str]) -> str:
+    """The report as Markdown. ``pictures``: relative links of the ``samples``, ``reconstructions`` and
+    ``codebook_usage`` images, and ``sweep`` when a sweep plot exists."""
+    lines = [
+        f"# Evaluation report: {title}",
+        "",
+        f"{report['num_samples']} samples vs {report['num_samples']} real train images in the feature space of the "
+        f"`{report['feature_extractor']}` extractor"
+        + (f" (held-out accuracy {report['classifier_heldout_accuracy']:.2%})"
+           if "classifier_heldout_accuracy" in report else "")
+        + f"; k = {report['k']} for precision/recall/density/coverage. The real floor is the same metrics for "
+        f"{report['num_samples']} real held-out images against the same reference.",
+        "",
+        "| metric | samples | real floor |",
+        "|---|---|---|",
+    ]
+    for key in ("fid", "inception_score", *METRIC_KEYS):
+        lines.append(f"| {key} | {_fmt(report[key])} | {_fmt(report['real_floor'][key])} |")
+    recon = report["recon"]
+    lines += ["", "## Reconstruction and codebooks", "",
+              f"Held-out MSE {recon['mse']:.4g} (on [-1, 1]), PSNR {recon['psnr']:.2f} dB, rFID {recon['rfid']:.4g}.",
+              "", "| level | codes used | perplexity | prior NLL (bits/code) |", "|---|---|---|---|"]
+    for name, v in report["codebook"].items():
+        lines.append(f"| {name} | {v['usage']:.1%} | {v['perplexity']:.1f} | {report['prior_nll_bits'][name]:.3f} |")
+    shuffled = {k: v for k, v in report["prior_nll_bits"].items() if "_shuffled_" in k}
+    for k, v in shuffled.items():
+        lines.append(f"\nNLL of the {k.split('_shuffled_')[0]} prior with the {k.split('_shuffled_')[1]} codes "
+                     f"shuffled across images: {v:.3f} bits/code (conditioning is used when this is higher).")
+    s = report["sampling"]
+    lines += ["", "## Sampling settings", "", ", ".join(f"{k} = {v}" for k, v in s.items()), "",
+              "## Pictures", "", "Samples:", "", f"![samples]({pictures['samples']})", "",
+              "Held-out originals (top) and reconstructions (bottom):", "",
+              f"![reconstructions]({pictures['reconstructions']})", "", "Codebook usage per level:", "",
+              f"![codebook usage]({pictures['codebook_usage']})", ""]
+    if "sweep" in pictures:
+        lines += ["Precision against recall over sampling settings (`make sweep`):", "",
+                  f"![sweep]({pictures['sweep']})", ""]
+    lines.append(f"Evaluation took {report['eval_seconds']} s.")
+    return "\n".join(lines) + "\n"
