@@ -3,7 +3,6 @@ optimiser step at a time as in ``pipeline.training.fit`` (forward, loss, backwar
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 from collections.abc import Callable
@@ -120,9 +119,8 @@ def prior_models(kind: str, device: torch.device):
     from pipeline.config import load_config
     from pipeline.priors import build_prior
 
-    cfg = load_config(CONFIG)
-    top_net = dataclasses.replace(cfg.prior.top, kind=kind)
-    bottom_net = dataclasses.replace(cfg.prior.bottom, kind=kind)
+    cfg = load_config(CONFIG, [f"prior.top.kind={kind}", f"prior.bottom.kind={kind}"])  # another kind: its defaults
+    top_net, bottom_net = cfg.prior.top, cfg.prior.bottom
     k = cfg.vqvae.codebook_size
     torch.manual_seed(0)
     top = build_prior(top_net, (4, 4), k, 10, None, 0).to(device)
@@ -161,7 +159,7 @@ def bench_priors(ctx: Context) -> Result:
     rows = [Row("prior train", name, scaled(t, invert=tokens[name]), None, "tok/s") for name, t in timings.items()]
     settings = {"batch": BATCH, "num_codes": 512, "num_classes": 10, "class_dropout": 0.1, "warmup_steps": warmup,
                 "repeats": repeats, "gpt": "gpt2, 4 layers, 128 wide, 4 heads (configs/mnist.yaml)",
-                "pixelcnn": "PriorNetConfig defaults: 64 channels, 8 layers, kernel 5, cond 64 x 2 res blocks",
+                "pixelcnn": "PixelCNNPriorConfig defaults: 64 channels, 8 layers, kernel 5, cond 64 x 2 res blocks",
                 "step": "teacher-forced forward + cross-entropy + backward + clip_grad_norm(1.0) + AdamW",
                 "tokens": "predicted codes per step (B x H x W); the prefix of the bottom GPT is not counted"}
     details = {n: (t.to_dict() if isinstance(t, Timing) else t) for n, t in timings.items()}

@@ -18,8 +18,10 @@ from typing import Any
 
 import yaml
 
+from pipeline.io import UserError, atomic_write_text
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A bad configuration value; the message is one line meant for the user."""
 
 
@@ -102,28 +104,68 @@ class Stage1Config(TrainConfig):
 
 
 @dataclass
-class PriorNetConfig:
-    """One level's prior network."""
+class GPTPriorConfig:
+    """A GPT prior: GPT-2 or Llama from ``transformers``, built from a config (``pipeline.priors.gpt``)."""
 
-    kind: str = "gpt"  # gpt | pixelcnn
-    # gpt
+    kind: str = "gpt"  # gpt | pixelcnn: the network; setting it by override starts from that kind's defaults
     arch: str = "gpt2"  # gpt2 | llama
-    n_layer: int = 4  # gpt: transformer blocks
-    n_embd: int = 128  # gpt: width (a multiple of n_head)
-    n_head: int = 4  # gpt: attention heads
-    dropout: float = 0.0  # gpt and pixelcnn: dropout rate
-    # pixelcnn
-    channels: int = 64  # pixelcnn: width
-    layers: int = 8  # pixelcnn: gated layers
-    kernel_size: int = 5  # pixelcnn: odd kernel size
-    cond_channels: int = 64  # pixelcnn: width of the top-code conditioning network
-    cond_res_blocks: int = 2  # pixelcnn: residual blocks of that network
+    n_layer: int = 4  # transformer blocks
+    n_embd: int = 128  # width (a multiple of n_head)
+    n_head: int = 4  # attention heads
+    dropout: float = 0.0  # dropout rate
+
+    def validate(self, key: str) -> None:
+        _check_choice(f"{key}.arch", self.arch, ("gpt2", "llama"))
+        _check(self.n_layer >= 1, f"{key}.n_layer", self.n_layer, "must be >= 1")
+        _check(self.n_head >= 1 and self.n_embd % self.n_head == 0, f"{key}.n_embd", self.n_embd,
+               f"must be a positive multiple of n_head={self.n_head}")
+        _check(0 <= self.dropout < 1, f"{key}.dropout", self.dropout, "must be in [0, 1)")
+
+
+@dataclass
+class PixelCNNPriorConfig:
+    """A gated PixelCNN prior with a top-code conditioning network (``pipeline.priors.pixelcnn``)."""
+
+    kind: str = "pixelcnn"  # gpt | pixelcnn: the network; setting it by override starts from that kind's defaults
+    channels: int = 64  # width
+    layers: int = 8  # gated layers
+    kernel_size: int = 5  # odd kernel size
+    cond_channels: int = 64  # width of the top-code conditioning network
+    cond_res_blocks: int = 2  # residual blocks of that network
+    dropout: float = 0.0  # dropout rate
+
+    def validate(self, key: str) -> None:
+        _check(self.channels >= 1, f"{key}.channels", self.channels, "must be >= 1")
+        _check(self.layers >= 1, f"{key}.layers", self.layers, "must be >= 1")
+        _check(self.kernel_size >= 3 and self.kernel_size % 2 == 1, f"{key}.kernel_size", self.kernel_size,
+               "odd and >= 3")
+        _check(self.cond_channels >= 1, f"{key}.cond_channels", self.cond_channels, "must be >= 1")
+        _check(self.cond_res_blocks >= 0, f"{key}.cond_res_blocks", self.cond_res_blocks, "must be >= 0")
+        _check(0 <= self.dropout < 1, f"{key}.dropout", self.dropout, "must be in [0, 1)")
+
+
+PRIOR_NETS = {"gpt": GPTPriorConfig, "pixelcnn": PixelCNNPriorConfig}  # the prior kinds, by their ``kind``
+PriorNetConfig = GPTPriorConfig | PixelCNNPriorConfig
+
+
+def prior_net_from_dict(values: dict[str, Any], key: str = "prior") -> PriorNetConfig:
+    """The config class of ``values["kind"]`` (default gpt) built from ``values``; a key of another kind is named."""
+    kind = values.get("kind", "gpt")
+    _check_choice(f"{key}.kind", kind, tuple(PRIOR_NETS))
+    cls = PRIOR_NETS[kind]
+    own = {f.name for f in dataclasses.fields(cls)}
+    for name in values:
+        other = [k for k, c in PRIOR_NETS.items() if k != kind and name in {f.name for f in dataclasses.fields(c)}]
+        if name not in own and other:
+            raise ConfigError(f"{key}.{name} is a {other[0]} setting but {key}.kind={kind}; remove it, or set "
+                              f"{key}.kind={other[0]}")
+    return _build(cls, values, key + ".")
 
 
 @dataclass
 class PriorConfig:
-    top: PriorNetConfig = field(default_factory=PriorNetConfig)
-    bottom: PriorNetConfig = field(default_factory=PriorNetConfig)
+    top: GPTPriorConfig | PixelCNNPriorConfig = field(default_factory=GPTPriorConfig)  # the top level's network
+    bottom: GPTPriorConfig | PixelCNNPriorConfig = field(default_factory=GPTPriorConfig)  # every level below
     class_conditional: bool = True  # needs labelled data
     class_dropout: float = 0.1  # label replaced by the null label with this rate (classifier-free guidance)
 
@@ -134,7 +176,13 @@ class Stage2Config(TrainConfig):
     lr: float = 1e-3
     weight_decay: float = 0.01
     eval_every: int = 500
-    extract_batch_size: int = 256  # images per batch of the code extraction
+
+
+@dataclass
+class ExtractConfig:
+    """The code extraction that opens stage 2 (the stage-1 model encodes every image once)."""
+
+    batch_size: int = 256  # images per batch of the code extraction
     shard_size: int = 100_000  # code grids per shard file
 
 
@@ -160,9 +208,15 @@ class EvaluateConfig:
     classifier_steps: int = 800  # training steps of the domain classifier
     classifier_batch_size: int = 128  # its batch size
     batch_size: int = 250  # feature extraction batch
-    sweep_temperatures: list[float] = field(default_factory=lambda: [0.7, 0.85, 1.0, 1.15])  # make sweep
-    sweep_top_p: list[float] = field(default_factory=lambda: [0.8, 0.95])  # make sweep
-    sweep_num: int = 500  # make sweep: images per setting
+
+
+@dataclass
+class SweepConfig:
+    """The truncation sweep (``make sweep``): one sample set per setting, each scored against the same reference."""
+
+    temperatures: list[float] = field(default_factory=lambda: [0.7, 0.85, 1.0, 1.15])  # each > 0, at top_p 1
+    top_p: list[float] = field(default_factory=lambda: [0.8, 0.95])  # each in (0, 1), at temperature 1
+    num: int = 500  # images per setting
 
 
 @dataclass
@@ -172,9 +226,11 @@ class Config:
     vqvae: VQVAEConfig = field(default_factory=VQVAEConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
     prior: PriorConfig = field(default_factory=PriorConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
     stage2: Stage2Config = field(default_factory=Stage2Config)
     sample: SampleConfig = field(default_factory=SampleConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -191,6 +247,10 @@ def _type_name(tp: Any) -> str:
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against the annotation ``tp``; int -> float is the only silent conversion."""
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType) and set(typing.get_args(tp)) == set(PRIOR_NETS.values()):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r}: expected a mapping (a config section)")
+        return prior_net_from_dict(value, key)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -281,11 +341,44 @@ def _merge(base: dict[str, Any], path: list[str], value: Any, full_key: str) -> 
             else:
                 raise ConfigError(f"override {full_key}: {part} is not a section")
         node = node[part]
+    if path[-1] == "kind" and value in PRIOR_NETS and node.get("kind", "gpt") != value:
+        # another kind of network: the preset's settings of the old kind do not apply to it
+        own = {f.name for f in dataclasses.fields(PRIOR_NETS[value])}
+        for name in [k for k in node if k not in own]:
+            del node[name]
     node[path[-1]] = value
 
 
-def config_from_dict(values: dict[str, Any]) -> Config:
-    cfg = _build(Config, values or {})
+RENAMED = {  # old key -> new key: refused in presets and overrides (naming the new key), moved in old checkpoints
+    ("stage2", "extract_batch_size"): ("extract", "batch_size"),
+    ("stage2", "shard_size"): ("extract", "shard_size"),
+    ("evaluate", "sweep_temperatures"): ("sweep", "temperatures"),
+    ("evaluate", "sweep_top_p"): ("sweep", "top_p"),
+    ("evaluate", "sweep_num"): ("sweep", "num"),
+}
+
+
+def _renamed(values: dict[str, Any], migrate: bool) -> dict[str, Any]:
+    values = {k: dict(v) if isinstance(v, dict) else v for k, v in (values or {}).items()}
+    for (sec, key), (new_sec, new_key) in RENAMED.items():
+        if isinstance(values.get(sec), dict) and key in values[sec]:
+            if not migrate:
+                raise ConfigError(f"{sec}.{key} is now {new_sec}.{new_key}; write {new_sec}.{new_key}="
+                                  f"{values[sec][key]}")
+            values.setdefault(new_sec, {}).setdefault(new_key, values[sec].pop(key))
+    prior = values.get("prior")
+    if migrate and isinstance(prior, dict):  # every field of both kinds, as written before per-kind configs
+        prior = values["prior"] = dict(prior)
+        for level, net in prior.items():
+            if isinstance(net, dict) and net.get("kind", "gpt") in PRIOR_NETS:
+                own = {f.name for f in dataclasses.fields(PRIOR_NETS[net.get("kind", "gpt")])}
+                prior[level] = {k: v for k, v in net.items() if k in own}
+    return values
+
+
+def config_from_dict(values: dict[str, Any], migrate: bool = True) -> Config:
+    """The config of a dict, e.g. a checkpoint's; keys renamed since it was written are moved (``migrate``)."""
+    cfg = _build(Config, _renamed(values, migrate))
     validate(cfg)
     return cfg
 
@@ -306,7 +399,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     for text in overrides:
         keys, value = parse_override(text)
         _merge(values, keys, value, text)
-    return config_from_dict(values)
+    return config_from_dict(values, migrate=False)
 
 
 def config_diff(a: dict[str, Any], b: dict[str, Any], sections: tuple[str, ...]) -> list[str]:
@@ -320,8 +413,6 @@ def config_diff(a: dict[str, Any], b: dict[str, Any], sections: tuple[str, ...])
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    from pipeline.io import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
@@ -352,9 +443,22 @@ def _check_train(name: str, t: TrainConfig) -> None:
     _check(t.seed >= 0, f"{name}.seed", t.seed, "must be >= 0")
 
 
-def validate(cfg: Config) -> None:
-    from pipeline.sampling import check_sampling_settings
+def check_sampling_settings(temperature: float, top_k: int, top_p: float, guidance: float, prefix: str = "") -> None:
+    """The rules of the sampling settings, written once (the config's ``sample`` section, the sampler, the command
+    line): a ValueError ``{prefix}key=value is not allowed: rule`` for the first one broken."""
+    rules = (
+        ("temperature", temperature, math.isfinite(temperature) and temperature > 0,
+         "must be > 0 and finite (top_k=1 gives greedy decoding)"),
+        ("top_k", top_k, top_k >= 0, "must be >= 0 (0 = off)"),
+        ("top_p", top_p, math.isfinite(top_p) and 0 < top_p <= 1, "must be in (0, 1] (1 = off)"),
+        ("guidance", guidance, math.isfinite(guidance) and guidance >= 0, "must be >= 0 and finite (1 = off)"),
+    )
+    for key, value, ok, rule in rules:
+        if not ok:
+            raise ValueError(f"{prefix}{key}={value!r} is not allowed: {rule}")
 
+
+def validate(cfg: Config) -> None:
     d, f, v = cfg.data, cfg.fabric, cfg.vqvae
     _check_choice("data.source", d.source, ("embedded", "folder", "hub"))
     if d.source == "embedded":
@@ -397,20 +501,11 @@ def validate(cfg: Config) -> None:
     _check_train("stage1", cfg.stage1)
     _check_train("stage2", cfg.stage2)
     _check(cfg.stage1.grid_images >= 0, "stage1.grid_images", cfg.stage1.grid_images, "must be >= 0 (0 = no grid)")
-    _check(cfg.stage2.extract_batch_size >= 1, "stage2.extract_batch_size", cfg.stage2.extract_batch_size, ">= 1")
-    _check(cfg.stage2.shard_size >= 1, "stage2.shard_size", cfg.stage2.shard_size, "must be >= 1")
+    _check(cfg.extract.batch_size >= 1, "extract.batch_size", cfg.extract.batch_size, "must be >= 1")
+    _check(cfg.extract.shard_size >= 1, "extract.shard_size", cfg.extract.shard_size, "must be >= 1")
 
     for level in ("top", "bottom"):
-        p: PriorNetConfig = getattr(cfg.prior, level)
-        key = f"prior.{level}"
-        _check_choice(f"{key}.kind", p.kind, ("gpt", "pixelcnn"))
-        _check_choice(f"{key}.arch", p.arch, ("gpt2", "llama"))
-        _check(p.n_layer >= 1, f"{key}.n_layer", p.n_layer, "must be >= 1")
-        _check(p.n_head >= 1 and p.n_embd % p.n_head == 0, f"{key}.n_embd", p.n_embd,
-               f"must be a positive multiple of n_head={p.n_head}")
-        _check(0 <= p.dropout < 1, f"{key}.dropout", p.dropout, "must be in [0, 1)")
-        _check(p.channels >= 1 and p.layers >= 1, f"{key}.layers", p.layers, "channels and layers must be >= 1")
-        _check(p.kernel_size >= 3 and p.kernel_size % 2 == 1, f"{key}.kernel_size", p.kernel_size, "odd and >= 3")
+        getattr(cfg.prior, level).validate(f"prior.{level}")
     _check(0 <= cfg.prior.class_dropout < 1, "prior.class_dropout", cfg.prior.class_dropout, "must be in [0, 1)")
 
     s = cfg.sample
@@ -428,6 +523,7 @@ def validate(cfg: Config) -> None:
     _check(e.k >= 1, "evaluate.k", e.k, "must be >= 1")
     _check(e.num_real >= 0, "evaluate.num_real", e.num_real, "must be >= 0 (0 = all held-out)")
     _check(e.classifier_steps >= 1, "evaluate.classifier_steps", e.classifier_steps, "must be >= 1")
-    _check(all(t > 0 for t in e.sweep_temperatures), "evaluate.sweep_temperatures", e.sweep_temperatures,
-           "temperatures must be > 0")
-    _check(all(0 < p <= 1 for p in e.sweep_top_p), "evaluate.sweep_top_p", e.sweep_top_p, "values in (0, 1]")
+    w = cfg.sweep
+    _check(all(t > 0 for t in w.temperatures), "sweep.temperatures", w.temperatures, "temperatures must be > 0")
+    _check(all(0 < p <= 1 for p in w.top_p), "sweep.top_p", w.top_p, "values in (0, 1]")
+    _check(w.num >= 1, "sweep.num", w.num, "must be >= 1")

@@ -143,9 +143,9 @@ def os_error_message(err: OSError) -> str:
     where = f" {target}" if target else ""
     reason = err.strerror or str(err)
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        fix = "free some space on that disk or choose a run folder on another one"
+        fix = "free some space on that disk or choose a folder on another one"
     elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        fix = "choose a writable run folder (RUN=... or --run) or fix the folder's permissions"
+        fix = "choose a writable folder or fix its permissions"
     else:
         fix = "check the path and the disk"
     verb = "write" if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM) else "use"
@@ -154,11 +154,9 @@ def os_error_message(err: OSError) -> str:
 
 def report_errors(fn: Callable[[], object], debug: bool) -> int:
     """Run ``fn``; a user's error becomes one ``error:`` line and exit code 2 (the traceback with ``debug``)."""
-    from pipeline.config import ConfigError
-
     try:
         fn()
-    except (ConfigError, UserError, OSError) as err:
+    except (UserError, OSError) as err:  # ConfigError is a UserError
         if debug:
             raise
         message = os_error_message(err) if isinstance(err, OSError) else str(err)

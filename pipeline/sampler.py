@@ -1,17 +1,13 @@
-"""The self-contained sampler: the stage-1 decoder with its codebooks and one prior per level, generating
+"""The self-contained sampler: the VQ-VAE-2 (encoder, codebooks, decoder) and one prior per level, generating
 images by ancestral sampling (top codes from the top prior, each lower level given the level above, then the
-decoder).
+decoder), and turning images into codes and back.
 
-Exported as a folder with ``config.json`` (architecture, shapes, sampling defaults, sha256 of the weights) and
-``model.safetensors`` (the whole VQ-VAE-2 and the priors; no pickle anywhere), loaded back with every key and
-shape checked. ``Sampler.from_pretrained(folder)`` needs only this package:
-no run folder, no YAML, no training code.
+``save_pretrained`` / ``from_pretrained`` write and read the exported folder (format in ``pipeline.export``);
+loading needs only this package: no run folder, no YAML, no training code.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,16 +16,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.config import VQVAEConfig
+from pipeline.config import VQVAEConfig, check_sampling_settings
 from pipeline.data import to_float, to_uint8
-from pipeline.io import UserError, atomic_write_bytes, atomic_write_text
+from pipeline.export import CONFIG, REEXPORT, read_export, write_export
+from pipeline.io import UserError
 from pipeline.priors import Prior, prior_from_spec
-from pipeline.sampling import check_sampling_settings, image_uniforms, sample_level
+from pipeline.sampling import image_uniforms, sample_level
 from pipeline.vqvae import VQVAE2
 
-FORMAT = "pipeline-sampler"
-VERSION = 2  # 2: the whole VQ-VAE-2 (encoder too); 1 had the decoder only
-WEIGHTS = "model.safetensors"
 LABEL_STREAM = 1_000  # the per-image random stream that draws uniform labels (levels use 0, 1, ...)
 
 
@@ -85,73 +79,37 @@ class Sampler(nn.Module):
         return sampler.eval()
 
     def config_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "version": VERSION, "vqvae": asdict(self.vqvae.cfg),
-                "in_channels": self.vqvae.in_channels, "image_size": self.image_size, "levels": self.level_names,
-                "priors": self.prior_specs, "class_names": self.class_names}
+        """What rebuilds the modules, as plain values (``config.json`` of the export)."""
+        return {"vqvae": asdict(self.vqvae.cfg), "in_channels": self.vqvae.in_channels, "image_size": self.image_size,
+                "levels": self.level_names, "priors": self.prior_specs, "class_names": self.class_names}
 
     def save_pretrained(self, folder: str | Path, sampling_defaults: dict | None = None) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` (+ a README) atomically into ``folder``."""
-        from safetensors.torch import save
-
-        folder = Path(folder)
+        """Export to ``folder``: ``config.json`` + ``model.safetensors``, flat ``vqvae.*`` and ``prior.<level>.*``
+        tensors (format in ``pipeline.export``)."""
         tensors = {f"vqvae.{k}": v for k, v in self.vqvae.state_dict().items()}
         for name, prior in zip(self.level_names, self.priors):
             tensors.update({f"prior.{name}.{k}": v for k, v in prior.state_dict().items()})
-        # tied weights share storage; safetensors wants each tensor on its own
-        blob = save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()})
-        config = self.config_dict()
-        config["sampling_defaults"] = sampling_defaults or {}
-        config["sha256"] = {WEIGHTS: hashlib.sha256(blob).hexdigest()}
-        atomic_write_bytes(folder / WEIGHTS, blob)
-        atomic_write_text(folder / "config.json", json.dumps(config, indent=1))
-        atomic_write_text(folder / "README.md", _README.format(folder=folder))
-        return folder
+        return write_export(folder, {**self.config_dict(), "sampling_defaults": sampling_defaults or {}}, tensors)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> Sampler:
-        """Rebuild from an exported folder; a missing, corrupt or tampered file gives one clear error."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load
-
-        folder = Path(folder)
-        cfg_path, weights_path = folder / "config.json", folder / WEIGHTS
-        for path in (cfg_path, weights_path):
-            if not path.is_file():
-                raise UserError(f"sampler folder {folder} has no {path.name}; export it again with `make sample`")
-        try:
-            config = json.loads(cfg_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise UserError(f"{cfg_path} is not valid JSON ({err}); export it again with `make sample`") from None
-        if not isinstance(config, dict) or config.get("format") != FORMAT:
-            raise UserError(f"{cfg_path} is not a sampler config (no \"format\": \"{FORMAT}\"); export it again")
-        if config.get("version") != VERSION:
-            raise UserError(f"{cfg_path} has format version {config.get('version')}, this package reads {VERSION}; "
-                            "export it again with `make sample`")
+        """Rebuild from an exported folder; a missing, corrupt, tampered or mismatched file gives one clear error."""
         device = resolve_device(device)
-        blob = weights_path.read_bytes()
-        expected = config.get("sha256", {}).get(WEIGHTS)
-        actual = hashlib.sha256(blob).hexdigest()
-        if expected != actual:
-            raise UserError(f"{weights_path} does not match the sha256 in config.json (expected {expected}, got "
-                            f"{actual}): the file was changed or damaged; export it again with `make sample`")
-        try:
-            tensors = load(blob)
-        except (SafetensorError, ValueError) as err:
-            raise UserError(f"{weights_path} is not a readable safetensors file ({err})") from None
+        config, tensors = read_export(folder)
         try:
             priors = [prior_from_spec(spec) for spec in config["priors"]]
             sampler = cls(VQVAEConfig(**config["vqvae"]), config["in_channels"], config["image_size"], priors,
                           config["levels"], config["priors"], config.get("class_names"))
-            sampler.load_exported(tensors)
+            sampler.load_flat_state(tensors)
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             reason = " ".join(str(err).split())[:240] or type(err).__name__  # e.g. "size mismatch for ..."
-            raise UserError(f"{cfg_path} does not describe the weights beside it ({reason}); export it again with "
-                            "`make sample`") from None
+            raise UserError(f"{Path(folder) / CONFIG} does not describe the weights beside it ({reason}); "
+                            f"{REEXPORT}") from None
         sampler.sampling_defaults = config.get("sampling_defaults", {})
         return sampler.to(device).eval()
 
-    def load_exported(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Load the flat ``vqvae.*`` / ``prior.<level>.*`` tensors of an export, every key and shape checked."""
+    def load_flat_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load flat ``vqvae.*`` / ``prior.<level>.*`` tensors, every name and shape checked."""
         parts = [("vqvae.", self.vqvae)] + [(f"prior.{n}.", p) for n, p in zip(self.level_names, self.priors)]
         claimed = set()
         for prefix, module in parts:
@@ -256,26 +214,3 @@ class Sampler(nn.Module):
                  guidance: float = 1.0, seed: int = 0, batch_size: int = 250) -> np.ndarray:
         """``num`` uint8 images (N, H, W, C)."""
         return self.generate_samples(num, temperature, top_k, top_p, labels, guidance, seed, batch_size).images
-
-
-_README = """# Exported sampler
-
-`config.json` (architecture, shapes, sampling defaults, sha256 of the weights) and `model.safetensors`
-(the VQ-VAE-2, encoder, codebooks and decoder, and one autoregressive prior per level). No pickle.
-
-Load it with only the `pipeline` package installed:
-
-```python
-from pipeline import Sampler
-
-sampler = Sampler.from_pretrained("{folder}")
-images = sampler.generate(64, temperature=1.0, top_k=0, top_p=1.0, labels=7, guidance=1.0, seed=0)
-# images: uint8 array (64, H, W, C)
-```
-
-or from the shell:
-
-```
-python -m pipeline.generate --sampler {folder} --num 64 --label 7 --out sevens.png
-```
-"""

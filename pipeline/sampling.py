@@ -7,27 +7,11 @@ the same images whatever the batch size or the number of processes the images ar
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
+from pipeline.config import check_sampling_settings
 from pipeline.priors.base import Prior
-
-
-def check_sampling_settings(temperature: float, top_k: int, top_p: float, guidance: float, prefix: str = "") -> None:
-    """The rules of the sampling settings, written once (the config's ``sample`` section, the sampler, the command
-    line): a ValueError ``{prefix}key=value is not allowed: rule`` for the first one broken."""
-    rules = (
-        ("temperature", temperature, math.isfinite(temperature) and temperature > 0,
-         "must be > 0 and finite (top_k=1 gives greedy decoding)"),
-        ("top_k", top_k, top_k >= 0, "must be >= 0 (0 = off)"),
-        ("top_p", top_p, math.isfinite(top_p) and 0 < top_p <= 1, "must be in (0, 1] (1 = off)"),
-        ("guidance", guidance, math.isfinite(guidance) and guidance >= 0, "must be >= 0 and finite (1 = off)"),
-    )
-    for key, value, ok, rule in rules:
-        if not ok:
-            raise ValueError(f"{prefix}{key}={value!r} is not allowed: {rule}")
 
 
 def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:

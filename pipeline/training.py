@@ -12,7 +12,6 @@ sees exactly the batches the uninterrupted run would have seen.
 from __future__ import annotations
 
 import math
-import os
 import signal
 import sys
 import threading
@@ -26,12 +25,17 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from pipeline.checkpoint import (
+    BEST_CKPT,
+    LAST_CKPT,
+    optimizer_state_by_name,
+    rank_rng_states,
+    restore_rng,
+    rng_state,
+    save_checkpoint,
+)
 from pipeline.config import TrainConfig
-from pipeline.distributed import on_rank_zero
-from pipeline.io import UserError, as_os_error, load_checkpoint
-
-LAST_CKPT = "last.ckpt"  # the latest state, to resume from
-BEST_CKPT = "best.ckpt"  # the state with the best held-out metric
+from pipeline.io import UserError, load_checkpoint
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -90,79 +94,6 @@ class Task:
     num_workers: int = 0  # DataLoader worker processes
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _rank_rng_states(fabric) -> dict[str, torch.Tensor] | None:
-    """Every rank's RNG state as (world, n) uint8 tensors, for a checkpoint (None with one process): ranks draw
-    different random numbers (e.g. class dropout), so a resume with the same world size restores each."""
-    if fabric.world_size == 1:
-        return None
-    states = {"torch": fabric.all_gather(fabric.to_device(torch.get_rng_state())).cpu()}  # (world, n)
-    if fabric.device.type == "cuda":
-        states["cuda"] = fabric.all_gather(fabric.to_device(torch.cuda.get_rng_state(fabric.device))).cpu()
-    return states
-
-
-def _restore_rng(fabric, rank_states: dict[str, torch.Tensor] | None, rank0_state: dict[str, Any]) -> None:
-    """Each rank's own saved RNG state when the checkpoint has them for this world size; else rank 0 takes the
-    saved (rank 0's) state and the other ranks keep their fresh seeds."""
-    rank = fabric.global_rank
-    if rank_states is not None and len(rank_states["torch"]) == fabric.world_size:
-        torch.set_rng_state(rank_states["torch"][rank].clone())
-        if "cuda" in rank_states and fabric.device.type == "cuda":
-            torch.cuda.set_rng_state(rank_states["cuda"][rank].clone(), fabric.device)
-    elif rank == 0:
-        _set_rng_state(rank0_state)
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    if "torch" in state:
-        torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def optimizer_state_by_name(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, Any]:
-    """``optimizer.state_dict()`` with each parameter named by its path in the model (``names``: id(param) ->
-    name) instead of numbered: the form FSDP saves with full state dicts, so a checkpoint moves between
-    strategies and process counts. ``Optimizer.load_state_dict`` matches saved parameters by position, whatever
-    their ids, so both forms load in a non-FSDP run."""
-    sd = optimizer.state_dict()
-    ordered = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
-    numbers = [i for group in sd["param_groups"] for i in group["params"]]
-    rename = dict(zip(numbers, ordered, strict=True))
-    return {"state": {rename[i]: v for i, v in sd["state"].items()},
-            "param_groups": [{**g, "params": [rename[i] for i in g["params"]]} for g in sd["param_groups"]]}
-
-
-def save_checkpoint(fabric, path: Path, state: dict[str, Any]) -> None:
-    """Atomic: every rank joins ``fabric.save`` to a temporary name, then rank 0 renames it."""
-    tmp = path.with_name(f".{path.name}.tmp")  # a stale one from a killed run is simply overwritten
-    if fabric.global_rank == 0:  # rank 0 writes the file (DDP, and FSDP with full state dicts)
-        path.parent.mkdir(parents=True, exist_ok=True)  # FSDP's save does not create it
-    try:
-        fabric.save(tmp, state)
-    except BaseException as err:  # e.g. a full disk: remove the partial file, keep the last good checkpoint
-        failed = as_os_error(err, path)
-        tmp.unlink(missing_ok=True)
-        if failed is not err:
-            raise failed from None
-        raise
-
-    def publish() -> None:  # rank 0 only
-        if tmp.is_file():  # on disk before the rename, so a crash of the machine cannot leave an empty file
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
-
-    on_rank_zero(fabric, publish)  # the other ranks wait for the rename, and stop too if it fails
-
-
 class _StopOnInterrupt:
     """Ctrl-C (SIGINT) during training asks to stop: the current step finishes, a checkpoint is saved at that
     step boundary (never a half-applied step), then KeyboardInterrupt is raised. A second Ctrl-C stops at once."""
@@ -200,18 +131,44 @@ def apply_settings(optimizer, scheduler, tcfg: TrainConfig, saved: dict[str, Any
     return [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now if saved is not None and k in saved and saved[k] != now[k]]
 
 
-def _check_loadable(path: Path) -> None:
-    load_checkpoint(path)  # raises a one-line UserError for a corrupt or unsafe file
+@dataclass
+class _Loop:
+    """What the phases of one ``fit`` share: the set-up objects, the checkpointed state and the rate meter."""
+
+    fabric: Any
+    task: Task
+    tcfg: TrainConfig
+    out_dir: Path
+    desc: str
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    param_names: dict[int, str]  # id(parameter) -> its name in the model, for optimizer state by name
+    fsdp: bool
+    state: dict[str, Any] = field(default_factory=dict)  # what a checkpoint holds: model, optimizer, step, ...
+    units_done: int = 0  # images or tokens since the last log line
+    t_rate: float = field(default_factory=time.perf_counter)
+    skipped: int = 0  # steps skipped for a non-finite loss
+
+    @property
+    def last(self) -> Path:
+        return self.out_dir / LAST_CKPT
+
+    def save(self, path: Path) -> None:
+        """A checkpoint of the state at this step boundary, with every rank's RNG and the training settings."""
+        self.state["rng"] = rng_state()
+        extra: dict[str, Any] = {"train": asdict(self.tcfg)}  # the settings this checkpoint was trained with
+        if self.fabric.world_size > 1:
+            extra["rng_ranks"] = rank_rng_states(self.fabric)
+        if not self.fsdp:  # FSDP's full optimizer state is already keyed by parameter name
+            extra["optimizer"] = optimizer_state_by_name(self.optimizer, self.param_names)
+        save_checkpoint(self.fabric, path, {**self.state, **extra})
 
 
-def fit(fabric, task: Task, tcfg: TrainConfig, out_dir: Path, fresh: bool = False, desc: str = "train") -> dict:
-    """Train ``task`` to ``tcfg.max_steps`` in ``out_dir`` (checkpoints ``last.ckpt`` and ``best.ckpt``).
-    Returns the final held-out metrics (empty if none)."""
+def _set_up(fabric, task: Task, tcfg: TrainConfig, out_dir: Path, desc: str) -> _Loop:
+    """Seeds, AdamW (no decay on biases and norms) with warmup + cosine, and the model and optimizer on Fabric."""
     from lightning_fabric.strategies import FSDPStrategy
-    from tqdm.auto import tqdm
 
-    out_dir = Path(out_dir)
-    last = out_dir / LAST_CKPT
     fabric.seed_everything(tcfg.seed + fabric.global_rank, verbose=False)
     model = task.model
     if tcfg.channels_last:
@@ -230,129 +187,164 @@ def fit(fabric, task: Task, tcfg: TrainConfig, out_dir: Path, fresh: bool = Fals
     param_names = {id(p): name for name, p in model.named_parameters()}
     fsdp = isinstance(fabric.strategy, FSDPStrategy)
     model, optimizer = fabric.setup(model, optimizer)
-    state: dict[str, Any] = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "step": 0,
-                             "best": float("inf"), "rng": _rng_state(), "meta": task.meta, "metrics": {}}
-    rank_rng = None
-    if last.exists() and not fresh:
-        _check_loadable(last)
-        rest = fabric.load(last, state, weights_only=True)  # what is not in ``state``: per-rank RNG, settings
-        rank_rng = rest.get("rng_ranks")
-        if state["step"] >= tcfg.max_steps:
-            fabric.print(f"{desc}: already finished ({state['step']}/{tcfg.max_steps} steps) in {out_dir}; "
-                         "use --fresh to start over, or raise max_steps to continue")
-            return dict(state["metrics"])
-        changed = apply_settings(optimizer, scheduler, tcfg, rest.get("train"))
-        fabric.print(f"{desc}: resuming from {last} at step {state['step']}"
-                     + (f" with changed settings ({'; '.join(changed)}), applied from this step on" if changed else ""))
-    step0 = state["step"]
-    train_model = torch.compile(model) if tcfg.compile else model
+    loop = _Loop(fabric, task, tcfg, Path(out_dir), desc, model, optimizer, scheduler, param_names, fsdp)
+    loop.state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "step": 0, "best": float("inf"),
+                  "rng": rng_state(), "meta": task.meta, "metrics": {}}
+    return loop
 
-    sampler = StepSampler(len(task.train_set), tcfg.batch_size, tcfg.seed, fabric.global_rank, fabric.world_size,
-                          start=step0 * tcfg.grad_accum)
-    loader = DataLoader(task.train_set, batch_sampler=sampler, collate_fn=_identity,
-                        num_workers=task.num_workers, persistent_workers=task.num_workers > 0)
+
+def _resume(loop: _Loop) -> tuple[dict | None, bool]:
+    """Load ``last.ckpt`` into the state; the config's optimizer and schedule settings win (and are reported).
+    Returns (every rank's saved RNG states or None, whether the run had already finished)."""
+    fabric, tcfg, state = loop.fabric, loop.tcfg, loop.state
+    load_checkpoint(loop.last)  # a corrupt or unsafe file: one line, before Fabric's own loader sees it
+    rest = fabric.load(loop.last, state, weights_only=True)  # what is not in ``state``: per-rank RNG, settings
+    if state["step"] >= tcfg.max_steps:
+        fabric.print(f"{loop.desc}: already finished ({state['step']}/{tcfg.max_steps} steps) in {loop.out_dir}; "
+                     "use --fresh to start over, or raise max_steps to continue")
+        return None, True
+    changed = apply_settings(loop.optimizer, loop.scheduler, tcfg, rest.get("train"))
+    fabric.print(f"{loop.desc}: resuming from {loop.last} at step {state['step']}"
+                 + (f" with changed settings ({'; '.join(changed)}), applied from this step on" if changed else ""))
+    return rest.get("rng_ranks"), False
+
+
+def _batches(loop: _Loop, rank_rng: dict | None) -> Iterator:
+    """The training batches from the current step on (data order is addressed by step), then the RNG restored."""
+    fabric, tcfg, step0 = loop.fabric, loop.tcfg, loop.state["step"]
+    sampler = StepSampler(len(loop.task.train_set), tcfg.batch_size, tcfg.seed, fabric.global_rank,
+                          fabric.world_size, start=step0 * tcfg.grad_accum)
+    loader = DataLoader(loop.task.train_set, batch_sampler=sampler, collate_fn=_identity,
+                        num_workers=loop.task.num_workers, persistent_workers=loop.task.num_workers > 0)
     batches = iter(loader)  # draws a seed from the global RNG: restore the saved state after it
     if step0:
-        _restore_rng(fabric, rank_rng, state["rng"])
+        restore_rng(fabric, rank_rng, loop.state["rng"])
+    return batches
 
-    def checkpoint(path: Path) -> None:
-        state["rng"] = _rng_state()
-        extra: dict[str, Any] = {}
-        if fabric.world_size > 1:
-            extra["rng_ranks"] = _rank_rng_states(fabric)
-        if not fsdp:  # FSDP's full optimizer state is already keyed by parameter name
-            extra["optimizer"] = optimizer_state_by_name(optimizer, param_names)
-        extra["train"] = asdict(tcfg)  # the settings this checkpoint was trained with
-        save_checkpoint(fabric, path, {**state, **extra})
 
-    bar = tqdm(total=tcfg.max_steps, initial=step0, desc=desc, disable=fabric.global_rank != 0, dynamic_ncols=True,
-               unit="step", file=sys.stderr)
-    units_done, t_rate = 0, time.perf_counter()
-    metrics: dict[str, float] = dict(state["metrics"])
-    skipped = 0
+def _micro_steps(loop: _Loop, model, batches: Iterator, stop: _StopOnInterrupt, step: int):
+    """Forward and backward over ``grad_accum`` micro-batches. Returns (loss, logs, finite, stop agreed): one
+    collective tells every rank whether any loss was not finite and whether any rank was asked to stop."""
+    fabric, tcfg = loop.fabric, loop.tcfg
+    logs: dict[str, float] = {}
+    finite, stop_agreed = True, False
+    for micro in range(tcfg.grad_accum):
+        batch = fabric.to_device(next(batches))
+        with fabric.no_backward_sync(loop.model, enabled=micro < tcfg.grad_accum - 1):
+            loss, step_logs = loop.task.training_step(fabric, model, batch, step)
+            flags = torch.stack([torch.isfinite(loss.detach()).logical_not(),
+                                 torch.tensor(stop.requested, device=loss.device)]).float()
+            flags = fabric.all_reduce(flags, reduce_op="max") if fabric.world_size > 1 else flags
+            finite, stop_agreed = bool(flags[0] < 1), bool(flags[1] > 0)
+            if not finite:
+                break
+            fabric.backward(loss / tcfg.grad_accum)
+        loop.units_done += loop.task.count_units(batch)
+        logs = {k: float(v) for k, v in step_logs.items()}
+        logs["loss"] = float(loss.detach())
+    return loss, logs, finite, stop_agreed
+
+
+def _optimizer_step(loop: _Loop, loss: torch.Tensor, finite: bool, step: int) -> None:
+    """Clip and step; after a non-finite loss, stop with one line (or skip the step with ``skip_nonfinite``)."""
+    if not finite:
+        loop.optimizer.zero_grad(set_to_none=True)
+        if not loop.tcfg.skip_nonfinite:
+            kept = (f"the last good checkpoint {loop.last} is kept" if loop.last.exists()
+                    else f"no checkpoint was written to {loop.out_dir} yet")
+            value = float(loss.detach())
+            what = (f"loss is {value} (not finite)" if not math.isfinite(value)
+                    else "the loss of another process is not finite")
+            raise UserError(f"{loop.desc}: {what} at step {step}; stopped without saving, {kept}. Lower the learning "
+                            "rate, try fabric.precision=32-true, or set skip_nonfinite=true to skip such batches")
+        loop.skipped += 1  # the step still counts (data order and schedule are addressed by step)
+    else:
+        if loop.tcfg.grad_clip > 0:
+            loop.fabric.clip_gradients(loop.model, loop.optimizer, max_norm=loop.tcfg.grad_clip)
+        loop.optimizer.step()
+        loop.optimizer.zero_grad(set_to_none=True)
+    loop.scheduler.step()
+
+
+def _log(loop: _Loop, bar, logs: dict[str, float], step: int) -> None:
+    """Every ``log_every`` steps: the training metrics with the rate and learning rate, to the loggers and bar."""
+    if "loss" not in logs or not (step % loop.tcfg.log_every == 0 or step == loop.tcfg.max_steps):
+        return
+    task, fabric = loop.task, loop.fabric
+    rate = loop.units_done * fabric.world_size / max(time.perf_counter() - loop.t_rate, 1e-9)
+    logs.update({f"{task.units}_per_s": rate, "lr": loop.scheduler.get_last_lr()[0]})
+    if loop.skipped:
+        logs["skipped_nonfinite"] = loop.skipped
+    fabric.log_dict({f"{task.log_prefix}train/{k}": v for k, v in logs.items()}, step=step)
+    shown = {"loss": f"{logs['loss']:.4f}"}
+    shown.update({k: f"{logs[k]:.3g}" for k in task.progress_keys if k in logs})
+    shown[f"{task.units}/s"] = f"{rate:,.0f}"
+    bar.set_postfix(shown, refresh=False)
+    loop.units_done, loop.t_rate = 0, time.perf_counter()
+
+
+def _validate(loop: _Loop, bar, step: int) -> None:
+    """Every ``eval_every`` steps: held-out metrics, logged and shown; a new best is checkpointed."""
+    task, fabric, state = loop.task, loop.fabric, loop.state
+    if task.validate is None or not (step % loop.tcfg.eval_every == 0 or step == loop.tcfg.max_steps):
+        return
+    loop.model.eval()
+    metrics = task.validate(fabric, loop.model, step)
+    state["metrics"] = metrics
+    fabric.log_dict({f"{task.log_prefix}val/{k}": v for k, v in metrics.items()}, step=step)
+    if fabric.global_rank == 0:
+        bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    value = metrics.get(task.best_metric)
+    if task.best_metric and value is not None and value < state["best"]:
+        state["best"] = value
+        loop.save(loop.out_dir / BEST_CKPT)
+
+
+def fit(fabric, task: Task, tcfg: TrainConfig, out_dir: Path, fresh: bool = False, desc: str = "train") -> dict:
+    """Train ``task`` to ``tcfg.max_steps`` in ``out_dir`` (checkpoints ``last.ckpt`` and ``best.ckpt``), resuming
+    from ``last.ckpt`` unless ``fresh``. Returns the final held-out metrics (empty if none)."""
+    from tqdm.auto import tqdm
+
+    loop = _set_up(fabric, task, tcfg, out_dir, desc)
+    state, rank_rng = loop.state, None
+    if loop.last.exists() and not fresh:
+        rank_rng, finished = _resume(loop)
+        if finished:
+            return dict(state["metrics"])
+    model = torch.compile(loop.model) if tcfg.compile else loop.model
+    batches = _batches(loop, rank_rng)
+    bar = tqdm(total=tcfg.max_steps, initial=state["step"], desc=desc, disable=fabric.global_rank != 0,
+               dynamic_ncols=True, unit="step", file=sys.stderr)
     stop, saved_on_stop = _StopOnInterrupt(), False
+    loop.t_rate = time.perf_counter()
     try:
         stop.install()
         while state["step"] < tcfg.max_steps:
             step = state["step"]
-            model.train()
-            logs: dict[str, float] = {}
-            for micro in range(tcfg.grad_accum):
-                batch = fabric.to_device(next(batches))
-                with fabric.no_backward_sync(model, enabled=micro < tcfg.grad_accum - 1):
-                    loss, step_logs = task.training_step(fabric, train_model, batch, step)
-                    # one collective for both: any rank with a non-finite loss, any rank asked to stop
-                    flags = torch.stack([torch.isfinite(loss.detach()).logical_not(),
-                                         torch.tensor(stop.requested, device=loss.device)]).float()
-                    flags = fabric.all_reduce(flags, reduce_op="max") if fabric.world_size > 1 else flags
-                    finite, stop_agreed = 1 - flags[0], bool(flags[1] > 0)
-                    if finite.item() < 1:
-                        break
-                    fabric.backward(loss / tcfg.grad_accum)
-                units_done += task.count_units(batch)
-                logs = {k: float(v) for k, v in step_logs.items()}
-                logs["loss"] = float(loss.detach())
-            if finite.item() < 1:
-                optimizer.zero_grad(set_to_none=True)
-                if not tcfg.skip_nonfinite:
-                    kept = (f"the last good checkpoint {last} is kept" if last.exists()
-                            else f"no checkpoint was written to {out_dir} yet")
-                    value = float(loss.detach())
-                    what = (f"loss is {value} (not finite)" if not math.isfinite(value)
-                            else "the loss of another process is not finite")
-                    raise UserError(
-                        f"{desc}: {what} at step {step}; stopped without saving, {kept}. Lower the learning rate, "
-                        "try fabric.precision=32-true, or set skip_nonfinite=true to skip such batches"
-                    )
-                skipped += 1  # the step still counts (data order and schedule are addressed by step)
-            else:
-                if tcfg.grad_clip > 0:
-                    fabric.clip_gradients(model, optimizer, max_norm=tcfg.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            loop.model.train()
+            loss, logs, finite, stop_agreed = _micro_steps(loop, model, batches, stop, step)
+            _optimizer_step(loop, loss, finite, step)
             state["step"] = step = step + 1
             bar.update(1)
-            if "loss" in logs and (step % tcfg.log_every == 0 or step == tcfg.max_steps):
-                elapsed = time.perf_counter() - t_rate
-                rate = units_done * fabric.world_size / max(elapsed, 1e-9)
-                logs.update({f"{task.units}_per_s": rate, "lr": scheduler.get_last_lr()[0]})
-                if skipped:
-                    logs["skipped_nonfinite"] = skipped
-                fabric.log_dict({f"{task.log_prefix}train/{k}": v for k, v in logs.items()}, step=step)
-                shown = {"loss": f"{logs['loss']:.4f}"}
-                shown.update({k: f"{logs[k]:.3g}" for k in task.progress_keys if k in logs})
-                shown[f"{task.units}/s"] = f"{rate:,.0f}"
-                bar.set_postfix(shown, refresh=False)
-                units_done, t_rate = 0, time.perf_counter()
-            if task.validate is not None and (step % tcfg.eval_every == 0 or step == tcfg.max_steps):
-                model.eval()
-                metrics = task.validate(fabric, model, step)
-                state["metrics"] = metrics
-                fabric.log_dict({f"{task.log_prefix}val/{k}": v for k, v in metrics.items()}, step=step)
-                shown_val = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-                bar.write(f"step {step}: {shown_val}") if fabric.global_rank == 0 else None
-                value = metrics.get(task.best_metric)
-                if task.best_metric and value is not None and value < state["best"]:
-                    state["best"] = value
-                    checkpoint(out_dir / BEST_CKPT)
+            _log(loop, bar, logs, step)
+            _validate(loop, bar, step)
             saved = step % tcfg.checkpoint_every == 0 or step == tcfg.max_steps
             if saved:
-                checkpoint(last)
+                loop.save(loop.last)
             # Ctrl-C: stop at this step boundary (every rank agreed on it in the collective above)
             if step < tcfg.max_steps and (stop_agreed if fabric.world_size > 1 else stop.requested):
                 if not saved:
-                    checkpoint(last)
+                    loop.save(loop.last)
                 bar.close()
-                fabric.print(f"\n{desc}: interrupted; saved {last} at step {step}; run again to resume")
+                fabric.print(f"\n{desc}: interrupted; saved {loop.last} at step {step}; run again to resume")
                 saved_on_stop = True
                 raise KeyboardInterrupt
-        if task.validate is not None and task.best_metric and not (out_dir / BEST_CKPT).exists():
-            checkpoint(out_dir / BEST_CKPT)  # e.g. a resumed run whose best was never written
+        if task.validate is not None and task.best_metric and not (loop.out_dir / BEST_CKPT).exists():
+            loop.save(loop.out_dir / BEST_CKPT)  # e.g. a resumed run whose best was never written
     except KeyboardInterrupt:
         bar.close()
         if not saved_on_stop:  # a second Ctrl-C: the state may be mid-step, keep the last checkpoint
-            kept = f"{last} is kept" if last.exists() else "nothing was saved"
+            kept = f"{loop.last} is kept" if loop.last.exists() else "nothing was saved"
             fabric.print(f"\n{desc}: interrupted at once; {kept}")
         raise
     finally:
@@ -360,4 +352,4 @@ def fit(fabric, task: Task, tcfg: TrainConfig, out_dir: Path, fresh: bool = Fals
         bar.close()
         for logger in fabric.loggers:
             logger.finalize("success")
-    return metrics
+    return dict(state["metrics"])

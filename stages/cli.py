@@ -12,10 +12,10 @@ import typing
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.config import Config, load_config
+from pipeline.config import PRIOR_NETS, Config, load_config
 from pipeline.io import debug_requested, report_errors
-from pipeline.runlock import rank_zero_of_launch, run_folder_lock
 from stages.runfolder import RunFolder
+from stages.runlock import rank_zero_of_launch, run_folder_lock
 
 EPILOG = """\
 overrides: any key above as section.key=value, e.g. {example}
@@ -48,13 +48,25 @@ def config_help(sections: tuple[str, ...]) -> str:
         comments = _field_comments(cls)
         for f in dataclasses.fields(cls):
             value = getattr(values, f.name)
-            if dataclasses.is_dataclass(value):  # prior.top / prior.bottom: one level deeper
-                for g in dataclasses.fields(value):
-                    note = _field_comments(type(value)).get(g.name, "")
-                    lines.append(_help_line(f"{section}.{f.name}.{g.name}", g.type, getattr(value, g.name), note))
+            if dataclasses.is_dataclass(value):  # prior.top / prior.bottom: every kind's keys, one level deeper
+                lines += _prior_net_help(f"{section}.{f.name}")
                 continue
             lines.append(_help_line(f"{section}.{f.name}", f.type, value, comments.get(f.name, "")))
     return "\n".join(lines)
+
+
+def _prior_net_help(key: str) -> list[str]:
+    """The keys of a prior level: ``kind``, then each kind's own keys with their defaults."""
+    lines = []
+    for kind, cls in PRIOR_NETS.items():
+        default, comments = cls(), _field_comments(cls)
+        for f in dataclasses.fields(cls):
+            if f.name == "kind" and lines:
+                continue
+            note = comments.get(f.name, "") if f.name == "kind" else f"{kind}: {comments.get(f.name, '')}"
+            shown = "gpt" if f.name == "kind" else getattr(default, f.name)
+            lines.append(_help_line(f"{key}.{f.name}", f.type, shown, note))
+    return lines
 
 
 def _help_line(key: str, tp: object, default: object, note: str) -> str:

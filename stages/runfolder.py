@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.checkpoint import BEST_CKPT, LAST_CKPT
 from pipeline.codes import CodeSet, file_sha256, load_manifest
 from pipeline.config import Config, config_from_dict
 from pipeline.io import UserError, load_checkpoint
-from pipeline.priors import Prior, prior_from_spec
+from pipeline.priors import Prior, normalize_spec, prior_from_spec
 from pipeline.sampler import Sampler
-from pipeline.training import BEST_CKPT, LAST_CKPT
 from pipeline.vqvae import VQVAE2, level_names
 
 
@@ -125,7 +125,7 @@ def build_sampler(run: RunFolder) -> Sampler:
     vqvae, cfg1, stage1_path = load_vqvae(run)
     priors = load_priors(run, vqvae.levels, stage1_path)
     return Sampler.from_models(vqvae, [p for p, _ in priors], cfg1.data.image_size, level_names(vqvae.levels),
-                               [meta["prior"] for _, meta in priors])
+                               [normalize_spec(meta["prior"]) for _, meta in priors])
 
 
 def load_samples(run: RunFolder) -> dict[str, np.ndarray]:

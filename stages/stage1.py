@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.checkpoint import LAST_CKPT
 from pipeline.config import Config, config_diff, save_config
 from pipeline.data import ImageSet, load_image_data, to_float, to_uint8
 from pipeline.distributed import on_rank_zero
@@ -16,7 +17,7 @@ from pipeline.fabric import make_fabric, make_loggers
 from pipeline.images import save_grid
 from pipeline.io import load_checkpoint
 from pipeline.metrics.reconstruction import reconstruction_stats
-from pipeline.training import LAST_CKPT, Task, fit
+from pipeline.training import Task, fit
 from pipeline.vqvae import VQVAE2, level_names
 from stages.cli import run_main, stage_parser
 from stages.runfolder import RunFolder, check_resumable

@@ -10,15 +10,16 @@ import sys
 
 import torch
 
+from pipeline.checkpoint import LAST_CKPT
 from pipeline.codes import CodeSet, extract_codes, load_manifest
 from pipeline.config import Config, config_diff
 from pipeline.data import load_image_data
 from pipeline.distributed import on_rank_zero
 from pipeline.fabric import make_fabric, make_loggers
 from pipeline.io import UserError, atomic_write_text, load_checkpoint
-from pipeline.priors import prior_from_spec, prior_spec
+from pipeline.priors import normalize_spec, prior_from_spec, prior_spec
 from pipeline.priors.likelihood import LN2, heldout_nll_bits, nll_sum, prior_conditions
-from pipeline.training import LAST_CKPT, Task, fit
+from pipeline.training import Task, fit
 from pipeline.vqvae import level_names
 from stages.cli import run_main, stage_parser
 from stages.runfolder import RunFolder, check_resumable, load_vqvae
@@ -70,7 +71,7 @@ def run_stage2(cfg: Config, run: RunFolder, fresh: bool = False) -> dict:
         data = load_image_data(cfg1.data)  # stage 1's data settings, from its checkpoint
         num_classes = load_checkpoint(stage1_path)["meta"].get("num_classes", 0)
         extract_codes(vqvae.to(fabric.device), stage1_path, data.train, data.holdout, run.codes, num_classes, names,
-                      cfg1.data.image_size, cfg.stage2.extract_batch_size, cfg.stage2.shard_size, fabric.device,
+                      cfg1.data.image_size, cfg.extract.batch_size, cfg.extract.shard_size, fabric.device,
                       log=fabric.print)
 
     on_rank_zero(fabric, extract)  # its broadcast is the barrier; a failure on rank 0 stops every rank clearly
@@ -89,7 +90,8 @@ def run_stage2(cfg: Config, run: RunFolder, fresh: bool = False) -> dict:
             meta = load_checkpoint(last)["meta"]
             check_resumable(last, [f"stage-1 sha256 {meta.get('stage1_sha256', '?')[:12]} -> {sha[:12]}"]
                             if meta.get("stage1_sha256") != sha else [], "stage-1 model", "stage2")
-            check_resumable(last, spec_diff(meta.get("prior") or {}, spec), "prior config", "stage2")
+            trained = normalize_spec(meta["prior"]) if meta.get("prior") else {}
+            check_resumable(last, spec_diff(trained, spec), "prior config", "stage2")
         task = prior_task(cfg, spec, level, name, train, holdout, num_classes, sha)
         n_params = sum(p.numel() for p in task.model.parameters())
         fabric.print(f"stage 2, {name} prior: {net.kind} ({n_params / 1e6:.2f}M parameters) over {grids[level]} codes"
@@ -112,7 +114,7 @@ def main(argv=None) -> int:
         "stage2",
         "Stage 2: extract the code grids with the stage-1 model (RUN/codes/), then train one prior per level, "
         "top first (RUN/stage2/<level>/).",
-        ("fabric", "prior", "stage2"), fresh=True,
+        ("fabric", "prior", "extract", "stage2"), fresh=True,
         example="stage2.max_steps=500 prior.top.n_layer=6",
     )
     return run_main(lambda cfg, run, args: run_stage2(cfg, run, fresh=args.fresh), parser, argv)

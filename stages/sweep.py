@@ -24,10 +24,9 @@ from stages.runfolder import RunFolder, build_sampler, load_vqvae
 
 
 def sweep_settings(cfg: Config) -> list[dict]:
-    e = cfg.evaluate
     base = {"temperature": 1.0, "top_k": cfg.sample.top_k, "top_p": 1.0}
-    out = [dict(base, temperature=t) for t in e.sweep_temperatures]
-    out += [dict(base, top_p=p) for p in e.sweep_top_p if p < 1.0]
+    out = [dict(base, temperature=t) for t in cfg.sweep.temperatures]
+    out += [dict(base, top_p=p) for p in cfg.sweep.top_p if p < 1.0]
     return out
 
 
@@ -43,7 +42,7 @@ def run_sweep(cfg: Config, run: RunFolder) -> list[dict] | None:
                                                                   log=fabric.print))
     extractor.module.to(fabric.device)
     e, s = cfg.evaluate, cfg.sample
-    n = min(e.sweep_num, len(data.train), len(data.holdout))
+    n = min(cfg.sweep.num, len(data.train), len(data.holdout))
     f_ref, _ = features_of(fabric, extractor, seeded_subset(data.train, n, seed=0), n, e.batch_size, "reference")
     f_held, _ = features_of(fabric, extractor, data.holdout.all_pixels(n), n, e.batch_size, "held-out")
     results = []
@@ -74,10 +73,10 @@ def run_sweep(cfg: Config, run: RunFolder) -> list[dict] | None:
 def main(argv=None) -> int:
     parser = stage_parser(
         "sweep",
-        "Sample at each evaluate.sweep_temperatures and evaluate.sweep_top_p value, score FID, precision and "
+        "Sample at each sweep.temperatures and sweep.top_p value, score FID, precision and "
         "recall, and plot precision against recall (RUN/eval/sweep.png, sweep.json).",
-        ("fabric", "sample", "evaluate"),
-        example="evaluate.sweep_num=200",
+        ("fabric", "sample", "evaluate", "sweep"),
+        example="sweep.num=200 sweep.temperatures=[0.8,1.0]",
     )
     return run_main(lambda cfg, run, args: run_sweep(cfg, run), parser, argv)
 

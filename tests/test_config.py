@@ -20,7 +20,9 @@ from pipeline.config import Config, ConfigError, load_config, parse_override
         ("fabric.strategy=fsdp fabric.accelerator=mps", "fabric.strategy='fsdp' is not allowed: FSDP does not run on"),
         ("prior.top.kind=rnn", "prior.top.kind='rnn' is not allowed: choose one of gpt, pixelcnn"),
         ("data.source=web", "data.source='web' is not allowed"),
-        ("evaluate.sweep_temperatures=0.5", "expected a list"),
+        ("sweep.temperatures=0.5", "expected a list"),
+        ("evaluate.sweep_num=200", "evaluate.sweep_num is now sweep.num; write sweep.num=200"),
+        ("stage2.shard_size=10", "stage2.shard_size is now extract.shard_size"),
         ("stage1.max_steps", "expected key=value"),
     ],
 )
@@ -39,10 +41,10 @@ def test_image_size_message_depends_on_levels():
 
 def test_overrides_are_typed_and_applied():
     cfg = load_config("configs/mnist.yaml", ["stage1.max_steps=7", "stage1.lr=1e-3", "sample.labels=7",
-                                             "evaluate.sweep_temperatures=[0.5, 1]", "vqvae.kmeans_init=false"])
+                                             "sweep.temperatures=[0.5, 1]", "vqvae.kmeans_init=false"])
     assert cfg.stage1.max_steps == 7 and cfg.stage1.lr == 1e-3
     assert cfg.sample.labels == "7"
-    assert cfg.evaluate.sweep_temperatures == [0.5, 1.0]
+    assert cfg.sweep.temperatures == [0.5, 1.0]
     assert cfg.vqvae.kmeans_init is False
 
 
@@ -70,3 +72,37 @@ def test_presets_load(preset):
 def test_parse_override_yaml_values():
     assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
     assert parse_override("a=true") == (["a"], True)
+
+
+def test_prior_config_per_kind_records_only_its_own_fields():
+    from dataclasses import asdict
+
+    from pipeline.config import GPTPriorConfig, PixelCNNPriorConfig
+
+    cfg = load_config("configs/mnist.yaml")
+    assert isinstance(cfg.prior.top, GPTPriorConfig) and set(asdict(cfg.prior.top)) == {
+        "kind", "arch", "n_layer", "n_embd", "n_head", "dropout"}
+    # another kind by override starts from that kind's defaults; the preset's GPT keys do not follow it
+    cfg = load_config("configs/mnist.yaml", ["prior.top.kind=pixelcnn", "prior.top.channels=16"])
+    assert isinstance(cfg.prior.top, PixelCNNPriorConfig) and cfg.prior.top.channels == 16
+    assert cfg.prior.top.layers == PixelCNNPriorConfig().layers and isinstance(cfg.prior.bottom, GPTPriorConfig)
+    assert "n_layer" not in asdict(cfg.prior.top)
+    # a key of the other kind is refused, naming the kind it belongs to
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/mnist.yaml", ["prior.top.kernel_size=3"])
+    assert str(err.value) == ("prior.top.kernel_size is a pixelcnn setting but prior.top.kind=gpt; remove it, or "
+                              "set prior.top.kind=pixelcnn")
+    with pytest.raises(ConfigError, match=r"prior.bottom.kernel_size=4 is not allowed: odd and >= 3"):
+        load_config("configs/mnist.yaml", ["prior.bottom.kind=pixelcnn", "prior.bottom.kernel_size=4"])
+
+
+def test_old_prior_specs_with_every_field_load_like_new_ones():
+    from pipeline.priors import normalize_spec, prior_from_spec, prior_spec
+
+    cfg = load_config("configs/smoke.yaml")
+    spec = prior_spec(cfg.prior.top, (2, 2), 32, 10, None, 0)
+    old = {**spec, "net": {**spec["net"], "channels": 16, "layers": 2, "kernel_size": 3, "cond_channels": 16,
+                           "cond_res_blocks": 1}}  # how specs were written before the per-kind configs
+    assert normalize_spec(old) == spec
+    assert sum(p.numel() for p in prior_from_spec(old).parameters()) == sum(
+        p.numel() for p in prior_from_spec(spec).parameters())

@@ -41,10 +41,10 @@ def test_readme_block_runs(tmp_path, index):
 
 @pytest.mark.parametrize("stage,own,others", [
     ("stage1", ["data.path", "vqvae.codebook_size", "stage1.max_steps", "fabric.devices"], ["prior.", "sample."]),
-    ("stage2", ["prior.top.kind", "stage2.shard_size"], ["vqvae.", "sample.num", "data."]),
+    ("stage2", ["prior.top.kind", "prior.top.kernel_size", "extract.shard_size"], ["vqvae.", "sample.num", "data."]),
     ("sample", ["sample.guidance", "sample.grid_images"], ["stage1.", "prior.", "--fresh"]),
     ("evaluate", ["evaluate.extractor"], ["stage2.", "--fresh", "sample.num"]),
-    ("sweep", ["evaluate.sweep_top_p", "sample.top_k"], ["--fresh", "vqvae."]),
+    ("sweep", ["sweep.top_p", "sample.top_k", "evaluate.k"], ["--fresh", "vqvae."]),
 ])
 def test_stage_help_lists_its_own_keys(stage, own, others):
     proc = subprocess.run([sys.executable, "-m", f"stages.{stage}", "--help"], cwd=ROOT, capture_output=True,

@@ -23,12 +23,7 @@ class TablePrior(Prior):
     """Fake prior with fixed logits per (label, position), ignoring previous codes."""
 
     def __init__(self, table: torch.Tensor) -> None:  # (C + 1, T, K)
-        super().__init__()
-        self.grid = GRID
-        self.num_codes = table.shape[-1]
-        self.num_classes = table.shape[0] - 1
-        self.cond_grid = None
-        self.cond_num_codes = 0
+        super().__init__(GRID, num_codes=table.shape[-1], num_classes=table.shape[0] - 1)
         self.table = torch.nn.Parameter(table, requires_grad=False)
 
     def forward(self, codes, labels=None, cond_codes=None):

@@ -171,3 +171,44 @@ def test_bf16_true_trains_stage1_and_stage2_with_fp32_codebooks(smoke_run, tmp_p
         assert model[name].dtype == torch.float32, name
     assert run(stage2, run_dir, "fabric.precision=bf16-true", "stage2.max_steps=5", "stage2.eval_every=5") == 0
     assert np.isfinite(torch.load(run_dir / "stage2" / "top" / "last.ckpt", weights_only=True)["metrics"]["nll_bits"])
+
+
+def test_pixelcnn_priors_by_override_and_old_specs_resume(smoke_run, tmp_path, capsys):
+    """prior.*.kind=pixelcnn on the GPT smoke preset trains PixelCNN priors with their defaults and own keys; a
+    checkpoint whose spec has every field of both kinds (as written before per-kind configs) still resumes."""
+    run_dir = copy_run(smoke_run, tmp_path / "copy", parts=("config.yaml", "stage1", "codes"))
+    pix = ["prior.top.kind=pixelcnn", "prior.bottom.kind=pixelcnn", "prior.top.layers=2", "prior.bottom.layers=2",
+           "prior.top.channels=8", "prior.bottom.channels=8", "prior.bottom.cond_channels=8"]
+    assert run(stage2, run_dir, *pix, "stage2.max_steps=2") == 0
+    last = run_dir / "stage2" / "bottom" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["meta"]["prior"]["net"] == {"kind": "pixelcnn", "channels": 8, "layers": 2, "kernel_size": 5,
+                                            "cond_channels": 8, "cond_res_blocks": 2, "dropout": 0.0}
+    ckpt["meta"]["prior"]["net"].update(arch="gpt2", n_layer=4, n_embd=128, n_head=4)  # the old, full spec
+    torch.save(ckpt, last)
+    capsys.readouterr()
+    assert run(stage2, run_dir, *pix, "stage2.max_steps=4") == 0
+    assert "stage 2 bottom: resuming from" in capsys.readouterr().out
+    assert run(sample, run_dir, "sample.num=4") == 0
+    config = json.loads((run_dir / "sampler" / "config.json").read_text())
+    assert [p["net"]["kind"] for p in config["priors"]] == ["pixelcnn", "pixelcnn"]
+    assert "n_layer" not in config["priors"][1]["net"]  # no dead fields in the export
+
+
+def test_run_folders_of_the_previous_layout_still_load(smoke_run, tmp_path):
+    """A stage-1 checkpoint whose config has the keys of before (stage2.extract_batch_size, evaluate.sweep_*, both
+    prior kinds' fields in one section) loads: stage 2 trains on it and sampling works."""
+    run_dir = copy_run(smoke_run, tmp_path / "old", parts=("config.yaml", "stage1"))
+    for name in ("last.ckpt", "best.ckpt"):
+        path = run_dir / "stage1" / name
+        ckpt = torch.load(path, weights_only=True)
+        c = ckpt["meta"]["config"]
+        extract, sweep = c.pop("extract"), c.pop("sweep")
+        c["stage2"].update(extract_batch_size=extract["batch_size"], shard_size=extract["shard_size"])
+        c["evaluate"].update(sweep_temperatures=sweep["temperatures"], sweep_top_p=sweep["top_p"],
+                             sweep_num=sweep["num"])
+        for level in ("top", "bottom"):
+            c["prior"][level].update(channels=64, layers=8, kernel_size=5, cond_channels=64, cond_res_blocks=2)
+        torch.save(ckpt, path)
+    assert run(stage2, run_dir, "stage2.max_steps=2") == 0
+    assert run(sample, run_dir, "sample.num=4") == 0

@@ -168,7 +168,7 @@ def on_file_system(mode: str, src: Path, dst: Path, result: Path, cmd: list[str]
 
 
 @pytest.mark.parametrize("mode,fragments", [
-    ("readonly", ["cannot write", ".lock: Read-only file system", "choose a writable run folder"]),
+    ("readonly", ["cannot write", ".lock: Read-only file system", "choose a writable folder"]),
     ("full", ["cannot write", "No space left on device", "free some space"]),
 ])
 def test_read_only_folder_or_full_disk(finished, tmp_path, mode, fragments):

@@ -34,6 +34,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from pipeline.data import to_uint8
+
 __all__ = [
     "INCEPTION_ENV_VAR",
     "INCEPTION_SHA256",
@@ -120,7 +122,7 @@ def _to_uint8(images: torch.Tensor) -> torch.Tensor:
     n_bad = int((~torch.isfinite(images)).sum())
     if n_bad:
         raise ValueError(f"images contain {n_bad} non-finite values (NaN/Inf): all pixels must be finite")
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return to_uint8(images)
 
 
 def resize_bicubic_uint8(images: torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:

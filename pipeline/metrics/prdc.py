@@ -107,6 +107,37 @@ def _kth_nn_sq_radii(x: torch.Tensor, x_sq: torch.Tensor, k: int, chunk: int) ->
 
 
 @torch.no_grad()
+def _prepared(real_features, fake_features, k, chunk_size, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Both sets checked and on one device and dtype (float64 if either is, else float32), and the chunk size."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k={k!r}: must be an integer >= 1")
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size={chunk_size!r}: must be an integer >= 1 or None (automatic)")
+
+    real = _as_tensor("real_features", real_features)
+    fake = _as_tensor("fake_features", fake_features)
+    _check_features("real_features", real, k)
+    _check_features("fake_features", fake, k)
+    if real.shape[1] != fake.shape[1]:
+        raise ValueError(
+            f"feature dimensions differ: real_features has D={real.shape[1]}, fake_features has "
+            f"D={fake.shape[1]}; both sets must have the same D"
+        )
+
+    dtype = torch.float64 if torch.float64 in (real.dtype, fake.dtype) else torch.float32
+    device = torch.device(device) if device is not None else real.device
+    real = real.to(device=device, dtype=dtype)
+    fake = fake.to(device=device, dtype=dtype)
+    n, m = real.shape[0], fake.shape[0]
+    if chunk_size is None:
+        itemsize = torch.finfo(dtype).bits // 8
+        chunk_size = max(1, _DEFAULT_BLOCK_BYTES // (itemsize * max(n, m)))
+
+    return real, fake, int(chunk_size)
+
+
 def precision_recall(
     real_features: torch.Tensor | np.ndarray,
     fake_features: torch.Tensor | np.ndarray,
@@ -138,33 +169,8 @@ def precision_recall(
         ValueError: k < 1, chunk_size < 1, inputs not 2-D, feature dimensions differ, fewer than k + 1
             points in a set, or non-finite features.
     """
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k={k!r}: must be an integer >= 1")
-    k = int(k)
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size={chunk_size!r}: must be an integer >= 1 or None (automatic)")
-
-    real = _as_tensor("real_features", real_features)
-    fake = _as_tensor("fake_features", fake_features)
-    _check_features("real_features", real, k)
-    _check_features("fake_features", fake, k)
-    if real.shape[1] != fake.shape[1]:
-        raise ValueError(
-            f"feature dimensions differ: real_features has D={real.shape[1]}, fake_features has "
-            f"D={fake.shape[1]}; both sets must have the same D"
-        )
-
-    dtype = torch.float64 if torch.float64 in (real.dtype, fake.dtype) else torch.float32
-    device = torch.device(device) if device is not None else real.device
-    real = real.to(device=device, dtype=dtype)
-    fake = fake.to(device=device, dtype=dtype)
-    n, m = real.shape[0], fake.shape[0]
-    if chunk_size is None:
-        itemsize = torch.finfo(dtype).bits // 8
-        chunk_size = max(1, _DEFAULT_BLOCK_BYTES // (itemsize * max(n, m)))
-    chunk = int(chunk_size)
+    real, fake, chunk = _prepared(real_features, fake_features, k, chunk_size, device)
+    k, device, dtype, n, m = int(k), real.device, real.dtype, real.shape[0], fake.shape[0]
 
     with _full_precision_matmul(device):
         real_sq = torch.einsum("nd,nd->n", real, real)  # (N,) squared norms, no (N, D) temporary

@@ -1,10 +1,12 @@
-"""Autoregressive priors over code grids, behind one interface (:class:`pipeline.priors.base.Prior`)."""
+"""Autoregressive priors over code grids, behind one interface (:class:`pipeline.priors.base.Prior`), and the
+spec that rebuilds one: its network's config (only the fields its kind uses) and the shapes of its grids."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
-from pipeline.config import PriorNetConfig
+from pipeline.config import PriorNetConfig, prior_net_from_dict
 from pipeline.priors.base import Prior
 
 
@@ -13,28 +15,36 @@ def build_prior(net: PriorNetConfig, grid: tuple[int, int], num_codes: int, num_
     """The prior network a config section asks for (``kind``: gpt or pixelcnn)."""
     shape = dict(grid=tuple(grid), num_codes=num_codes, num_classes=num_classes,
                  cond_grid=tuple(cond_grid) if cond_grid else None, cond_num_codes=cond_num_codes)
+    settings = {k: v for k, v in asdict(net).items() if k != "kind"}  # the config class lists the model's keywords
     if net.kind == "gpt":
         from pipeline.priors.gpt import GPTPrior
 
-        return GPTPrior(**shape, arch=net.arch, n_layer=net.n_layer, n_embd=net.n_embd, n_head=net.n_head,
-                        dropout=net.dropout)
+        return GPTPrior(**shape, **settings)
     from pipeline.priors.pixelcnn import GatedPixelCNN
 
-    return GatedPixelCNN(**shape, channels=net.channels, layers=net.layers, kernel_size=net.kernel_size,
-                         cond_channels=net.cond_channels, cond_res_blocks=net.cond_res_blocks, dropout=net.dropout)
+    return GatedPixelCNN(**shape, **settings)
 
 
 def prior_spec(net: PriorNetConfig, grid, num_codes: int, num_classes: int, cond_grid, cond_num_codes: int) -> dict:
     """Everything that rebuilds a prior, as plain values (stored in checkpoints and the exported sampler)."""
-    from dataclasses import asdict
-
     return {"net": asdict(net), "grid": list(grid), "num_codes": num_codes, "num_classes": num_classes,
             "cond_grid": list(cond_grid) if cond_grid else None, "cond_num_codes": cond_num_codes}
 
 
+def normalize_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """A spec with only the fields its kind uses: specs written before the per-kind configs carried every field of
+    both kinds, which are dropped here, so old checkpoints resume and load like new ones."""
+    net = spec["net"]
+    kind = net.get("kind", "gpt")
+    own = prior_net_from_dict({"kind": kind})
+    values = {k: v for k, v in net.items() if hasattr(own, k)}
+    return {**spec, "net": asdict(prior_net_from_dict(values))}
+
+
 def prior_from_spec(spec: dict[str, Any]) -> Prior:
-    return build_prior(PriorNetConfig(**spec["net"]), spec["grid"], spec["num_codes"], spec["num_classes"],
+    spec = normalize_spec(spec)
+    return build_prior(prior_net_from_dict(spec["net"]), spec["grid"], spec["num_codes"], spec["num_classes"],
                        spec["cond_grid"], spec["cond_num_codes"])
 
 
-__all__ = ["Prior", "build_prior", "prior_from_spec", "prior_spec"]
+__all__ = ["Prior", "build_prior", "normalize_spec", "prior_from_spec", "prior_spec"]

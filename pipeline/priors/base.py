@@ -20,13 +20,35 @@ from torch import nn
 
 
 class Prior(nn.Module, ABC):
-    """Base class. Subclasses set the attributes below in ``__init__`` and implement the three methods."""
+    """Base class: the shapes below (checked and set by ``Prior.__init__``) and the three methods to implement."""
 
     grid: tuple[int, int]  # (H, W) of the modelled level
     num_codes: int  # K, codebook size of the modelled level
     num_classes: int  # 0 = unconditional
     cond_grid: tuple[int, int] | None  # (Hc, Wc) of the conditioning level, None for the top prior
     cond_num_codes: int  # codebook size of the conditioning level (0 if none)
+
+    def __init__(self, grid: tuple[int, int], num_codes: int, num_classes: int = 0,
+                 cond_grid: tuple[int, int] | None = None, cond_num_codes: int = 0) -> None:
+        """Check and set the shapes every prior shares (see the attributes above)."""
+        super().__init__()
+        if len(grid) != 2 or min(grid) < 1:
+            raise ValueError(f"grid={grid}: must be (H, W) with H, W >= 1")
+        if num_codes < 1:
+            raise ValueError(f"num_codes={num_codes}: must be >= 1")
+        if num_classes < 0:
+            raise ValueError(f"num_classes={num_classes}: must be >= 0 (0 = unconditional)")
+        if cond_grid is not None and (len(cond_grid) != 2 or min(cond_grid) < 1):
+            raise ValueError(f"cond_grid={cond_grid}: must be (Hc, Wc) with Hc, Wc >= 1, or None")
+        if cond_grid is not None and cond_num_codes < 1:
+            raise ValueError(f"cond_num_codes={cond_num_codes}: must be >= 1 with cond_grid={cond_grid}")
+        if cond_grid is None and cond_num_codes != 0:
+            raise ValueError(f"cond_num_codes={cond_num_codes}: must be 0 without cond_grid")
+        self.grid = (int(grid[0]), int(grid[1]))
+        self.num_codes = int(num_codes)
+        self.num_classes = int(num_classes)
+        self.cond_grid = None if cond_grid is None else (int(cond_grid[0]), int(cond_grid[1]))
+        self.cond_num_codes = int(cond_num_codes)
 
     @property
     def seq_len(self) -> int:

@@ -87,29 +87,13 @@ class GPTPrior(Prior):
             n_head: number of attention heads.
             dropout: dropout probability (embeddings, residual and attention for gpt2; attention for llama).
         """
-        super().__init__()
+        super().__init__(grid, num_codes, num_classes, cond_grid, cond_num_codes)
         if arch not in ARCHS:
             raise ValueError(f"arch={arch!r}: must be one of {', '.join(repr(a) for a in ARCHS)}")
-        if len(grid) != 2 or min(grid) < 1:
-            raise ValueError(f"grid={grid}: must be (H, W) with H, W >= 1")
-        if num_codes < 1:
-            raise ValueError(f"num_codes={num_codes}: must be >= 1")
-        if num_classes < 0:
-            raise ValueError(f"num_classes={num_classes}: must be >= 0 (0 = unconditional)")
-        if cond_grid is not None and cond_num_codes < 1:
-            raise ValueError(f"cond_num_codes={cond_num_codes}: must be >= 1 with cond_grid={cond_grid}")
-        if cond_grid is None and cond_num_codes != 0:
-            raise ValueError(f"cond_num_codes={cond_num_codes}: must be 0 without cond_grid")
         if n_embd % n_head != 0:
             raise ValueError(f"n_embd={n_embd} is not divisible by n_head={n_head}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout={dropout}: must be in [0, 1)")
-
-        self.grid = (int(grid[0]), int(grid[1]))
-        self.num_codes = int(num_codes)
-        self.num_classes = int(num_classes)
-        self.cond_grid = None if cond_grid is None else (int(cond_grid[0]), int(cond_grid[1]))
-        self.cond_num_codes = int(cond_num_codes)
         self.arch = arch
 
         self.cond_offset = self.num_codes  # first id of the conditioning-level codes

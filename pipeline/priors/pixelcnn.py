@@ -170,34 +170,15 @@ class GatedPixelCNN(Prior):
             cond_res_blocks: residual blocks of the conditioning network (at the top resolution).
             dropout: dropout probability on the gated horizontal activations (training only).
         """
-        super().__init__()
-        if len(grid) != 2 or min(grid) < 1:
-            raise ValueError(f"grid={grid}: must be (H, W) with H, W >= 1")
-        if num_codes < 2:
-            raise ValueError(f"num_codes={num_codes}: must be >= 2")
-        if num_classes < 0:
-            raise ValueError(f"num_classes={num_classes}: must be >= 0 (0 = unconditional)")
+        super().__init__(grid, num_codes, num_classes, cond_grid, cond_num_codes)
         if kernel_size < 3 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size={kernel_size}: must be odd and >= 3")
         if layers < 1 or channels < 1:
             raise ValueError(f"layers={layers}, channels={channels}: must be >= 1")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout={dropout}: must be in [0, 1)")
-        if cond_grid is not None:
-            if len(cond_grid) != 2 or min(cond_grid) < 1:
-                raise ValueError(f"cond_grid={cond_grid}: must be (Hc, Wc) with Hc, Wc >= 1, or None")
-            if cond_num_codes < 1:
-                raise ValueError(f"cond_num_codes={cond_num_codes}: must be >= 1 when cond_grid is set")
-            if cond_channels < 1 or cond_res_blocks < 0:
-                raise ValueError(
-                    f"cond_channels={cond_channels}, cond_res_blocks={cond_res_blocks}: bad values"
-                )
-
-        self.grid = (int(grid[0]), int(grid[1]))
-        self.num_codes = int(num_codes)
-        self.num_classes = int(num_classes)
-        self.cond_grid = None if cond_grid is None else (int(cond_grid[0]), int(cond_grid[1]))
-        self.cond_num_codes = int(cond_num_codes) if cond_grid is not None else 0
+        if cond_grid is not None and (cond_channels < 1 or cond_res_blocks < 0):
+            raise ValueError(f"cond_channels={cond_channels}, cond_res_blocks={cond_res_blocks}: bad values")
         self.channels = channels
         self.num_layers = layers
         self.kernel_size = kernel_size
