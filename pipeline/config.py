@@ -39,6 +39,7 @@ class DataConfig:
     split_seed: int = 0  # seed of the held-out split (>= 0)
     max_images: int = 0  # 0 = all; otherwise the first N after shuffling with split_seed
     on_corrupt: str = "skip"  # skip (count and warn) | error
+    background: str = "white"  # what transparent pixels show: a colour name, #rrggbb or rgb(r, g, b)
     num_workers: int = 0  # DataLoader worker processes
 
 
@@ -420,6 +421,16 @@ def save_config(cfg: Config, path: str | Path) -> None:
 # validation of values (types were checked while building)
 
 
+def _is_colour(text: str) -> bool:
+    from PIL import ImageColor
+
+    try:
+        ImageColor.getrgb(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
@@ -474,6 +485,8 @@ def validate(cfg: Config) -> None:
     _check(d.split_seed >= 0, "data.split_seed", d.split_seed, "must be >= 0")
     _check(d.max_images >= 0, "data.max_images", d.max_images, "must be >= 0 (0 = all)")
     _check_choice("data.on_corrupt", d.on_corrupt, ("skip", "error"))
+    _check(_is_colour(d.background), "data.background", d.background,
+           "a colour name (white), #rrggbb or rgb(r, g, b)")
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
 
     _check_choice("fabric.accelerator", f.accelerator, ("cpu", "cuda", "mps", "gpu", "auto"))

@@ -17,15 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageColor, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from pipeline.config import DataConfig
 from pipeline.io import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-_MODE_CHANNELS = {"1": 1, "L": 1, "I": 1, "I;16": 1, "F": 1, "LA": 1, "P": 3, "RGB": 3, "RGBA": 3, "CMYK": 3,
-                  "YCbCr": 3}
 IN_MEMORY_BYTES = 2 * 1024**3  # image sets smaller than this are held as one tensor
 
 
@@ -39,13 +37,58 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return images.float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
 
 
-def fit_image(img: Image.Image, size: int, channels: int, where: str = "") -> np.ndarray:
-    """A PIL image -> uint8 array (channels, size, size): pad if small, else resize shorter side and crop."""
-    natural = _MODE_CHANNELS.get(img.mode, 3)
-    if natural != channels:
-        kind = "grey" if natural == 1 else "colour"
-        raise UserError(f"image {where or '(in data)'} is {kind} ({natural} channel(s)) but data.channels={channels}; "
-                        f"set data.channels={natural}")
+_ALPHA_MODES = {"LA": "LA", "La": "LA", "PA": "RGBA", "RGBA": "RGBA", "RGBa": "RGBA"}  # mode -> its plain form
+_WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": None, "F": None}  # 16/32-bit, float
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit, 32-bit or float grey -> 8-bit "L", scaled by its range: 16-bit by 0..65535; 32-bit integers by the
+    smallest of 0..255, 0..65535, 0..2^31-1 that holds the values; floats in [0, 1] by 255, other floats by their
+    own minimum and maximum."""
+    arr = np.asarray(img, dtype=np.float64)
+    top = _WIDE_MODES[img.mode]
+    if img.mode == "F":
+        low, high = (0.0, 1.0) if arr.min() >= 0 and arr.max() <= 1 else (arr.min(), max(arr.max(), arr.min() + 1e-12))
+    else:
+        low, high = 0.0, top or next(t for t in (255, 65535, 2**31 - 1) if arr.max() <= t)
+    scaled = np.clip((arr - low) / (high - low), 0, 1) * 255
+    return Image.fromarray(np.round(scaled).astype(np.uint8), "L")
+
+
+def _composite(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """An image with alpha (grey or colour, premultiplied or not, palette) over an opaque ``background``: "L" for
+    grey sources, "RGB" for colour ones."""
+    plain = _ALPHA_MODES[img.mode]
+    rgba = img.convert("RGBA") if plain == "RGBA" else img.convert("LA").convert("RGBA")
+    over = Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba).convert("RGB")
+    return over.convert("L") if plain == "LA" else over
+
+
+def decode_image(img: Image.Image, channels: int, background: tuple[int, int, int] = (255, 255, 255)
+                 ) -> tuple[Image.Image, bool]:
+    """Any image PIL opens -> the 8-bit "L" (``channels`` 1) or "RGB" (3) image training sees, and whether colour
+    was turned into grey. EXIF orientation is applied; alpha (RGBA, LA, PA, palette transparency) is composited
+    over ``background``; 16/32-bit and float images are scaled to 8 bits by their range; 1-bit, CMYK, YCbCr, LAB
+    and HSV are converted. Grey becomes RGB losslessly; colour becomes grey by ITU-R 601 luma (PIL's "L")."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in _WIDE_MODES:
+        img = _to_8bit(img)
+    elif img.mode in _ALPHA_MODES:
+        img = _composite(img, background)
+    elif img.mode == "1":
+        img = img.convert("L")
+    elif img.mode not in ("L", "RGB"):
+        img = img.convert("RGB")  # CMYK, YCbCr, LAB, HSV, RGBX
+    if channels == 1:
+        return (img, False) if img.mode == "L" else (img.convert("L"), True)
+    return (img.convert("RGB") if img.mode == "L" else img), False
+
+
+def fit_image(img: Image.Image, size: int, channels: int) -> np.ndarray:
+    """An "L" or "RGB" image -> uint8 array (channels, size, size): pad if small (centred, border 0), else resize
+    the shorter side to ``size`` (PIL bicubic) and centre-crop."""
     img = img.convert("L" if channels == 1 else "RGB")
     w, h = img.size
     if w <= size and h <= size:
@@ -100,8 +143,10 @@ def _decode_column(ds, cfg: DataConfig, image_key: str, label_key: str, names: l
     """Decode and fit images in batches; corrupt files are skipped (counted) or raise, per data.on_corrupt."""
     import datasets
 
+    background = ImageColor.getrgb(cfg.background)[:3]
+
     def convert(batch):
-        out_pixels, out_labels, out_ok = [], [], []
+        out_pixels, out_labels, out_ok, out_grey = [], [], [], []
         for i, item in enumerate(batch[image_key]):
             where = (item.get("path") if isinstance(item, dict) else None) or f"#{i}"
             try:
@@ -111,28 +156,35 @@ def _decode_column(ds, cfg: DataConfig, image_key: str, label_key: str, names: l
                 else:
                     img = item
                 img.load()
-                out_pixels.append(fit_image(img, cfg.image_size, cfg.channels, where))
+                img, to_grey = decode_image(img, cfg.channels, background)
+                out_pixels.append(fit_image(img, cfg.image_size, cfg.channels))
                 out_ok.append(True)
+                out_grey.append(to_grey)
             except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
                 if cfg.on_corrupt == "error":
                     raise UserError(f"cannot read image {where}: {str(err).rstrip('.')}; fix or remove it, or set "
                                     "data.on_corrupt=skip") from None
                 out_pixels.append(np.zeros((cfg.channels, cfg.image_size, cfg.image_size), np.uint8))
                 out_ok.append(False)
+                out_grey.append(False)
             out_labels.append(int(batch[label_key][i]) if label_key else -1)
-        return {"pixels": out_pixels, "label": out_labels, "ok": out_ok}
+        return {"pixels": out_pixels, "label": out_labels, "ok": out_ok, "to_grey": out_grey}
 
     feats = _features(cfg)
     feats["ok"] = datasets.Value("bool")
+    feats["to_grey"] = datasets.Value("bool")
     ds = ds.cast_column(image_key, datasets.Image(decode=False))
     ds = ds.map(convert, batched=True, batch_size=256, remove_columns=ds.column_names, features=feats,
                 desc="preparing images")
-    skipped = len(ds) - int(np.sum(ds["ok"]))
+    skipped, greyed = len(ds) - int(np.sum(ds["ok"])), int(np.sum(ds["to_grey"]))
     if skipped:
         ds = ds.filter(lambda ok: ok, input_columns="ok", desc="dropping unreadable images")
-    ds = ds.remove_columns("ok")
+    ds = ds.remove_columns(["ok", "to_grey"])
     if skipped:
         warnings.warn(f"skipped {skipped} unreadable image(s) (data.on_corrupt=skip)", stacklevel=2)
+    if greyed:
+        warnings.warn(f"converted {greyed} colour image(s) to grey (data.channels=1; set data.channels=3 to keep "
+                      "colour)", stacklevel=2)
     return ds, skipped
 
 

@@ -20,6 +20,7 @@ from pipeline.config import Config, ConfigError, load_config, parse_override
         ("fabric.strategy=fsdp fabric.accelerator=mps", "fabric.strategy='fsdp' is not allowed: FSDP does not run on"),
         ("prior.top.kind=rnn", "prior.top.kind='rnn' is not allowed: choose one of gpt, pixelcnn"),
         ("data.source=web", "data.source='web' is not allowed"),
+        ("data.background=nocolour", "data.background='nocolour' is not allowed: a colour name (white), #rrggbb"),
         ("sweep.temperatures=0.5", "expected a list"),
         ("evaluate.sweep_num=200", "evaluate.sweep_num is now sweep.num; write sweep.num=200"),
         ("stage2.shard_size=10", "stage2.shard_size is now extract.shard_size"),

@@ -92,9 +92,10 @@ def test_missing_or_empty_folder(tmp_path, case):
     assert "\n" not in str(err.value)
 
 
-def test_channel_mismatch(tmp_path):
+def test_colour_images_with_one_channel_are_converted_and_counted(tmp_path):
     root = make_folder(tmp_path / "rgb", mode="RGB")
-    with pytest.raises(UserError, match="colour .* but data.channels=1; set data.channels=3"):
-        load_image_data(DataConfig(source="folder", path=str(root), image_size=16, channels=1))
+    with pytest.warns(UserWarning, match=r"converted 8 colour image\(s\) to grey \(data.channels=1; set "):
+        grey = load_image_data(DataConfig(source="folder", path=str(root), image_size=16, channels=1))
+    assert grey.train.all_pixels().shape[1] == 1
     data = load_image_data(DataConfig(source="folder", path=str(root), image_size=16, channels=3))
     assert data.train.all_pixels().shape[1] == 3
