@@ -85,9 +85,9 @@ def _encode_split(model, images: ImageSet, batch_size: int, device) -> tuple[lis
     return [np.concatenate(o) for o in out], images.labels.numpy()
 
 
-def extract_codes(model, stage1_ckpt: Path, train: ImageSet, holdout: ImageSet, folder: Path, num_classes: int,
-                  level_names: list[str], image_size: int, batch_size: int = 256, shard_size: int = 100_000,
-                  device="cpu", log=print) -> dict:
+def extract_codes(model, stage1_ckpt: Path, train: ImageSet, holdout: ImageSet, folder: Path,
+                  class_names: list[str] | None, level_names: list[str], image_size: int, batch_size: int = 256,
+                  shard_size: int = 100_000, device="cpu", log=print) -> dict:
     """Encode both splits (or reuse an extraction made with the same stage-1 checkpoint); returns the manifest."""
     folder = Path(folder)
     manifest_path = folder / "manifest.json"
@@ -103,8 +103,8 @@ def extract_codes(model, stage1_ckpt: Path, train: ImageSet, holdout: ImageSet, 
     dtype = np.int16 if k <= np.iinfo(np.int16).max else np.int32
     manifest = {
         "stage1_checkpoint": str(stage1_ckpt), "stage1_sha256": sha, "levels": level_names,
-        "grids": [list(g) for g in model.grid_shapes(image_size)], "num_codes": k, "num_classes": num_classes,
-        "splits": {},
+        "grids": [list(g) for g in model.grid_shapes(image_size)], "num_codes": k,
+        "num_classes": len(class_names or []), "class_names": class_names, "splits": {},
     }
     for split, images in (("train", train), ("holdout", holdout)):
         codes, labels = _encode_split(model, images, batch_size, device)

@@ -194,7 +194,7 @@ class SampleConfig:
     temperature: float = 1.0  # softmax temperature, > 0
     top_k: int = 0  # keep the k most likely codes (0 = off)
     top_p: float = 1.0  # nucleus mass in (0, 1] (1 = off)
-    labels: str = "uniform"  # uniform | a class index | comma-separated indices (cycled) | none
+    labels: str = "uniform"  # uniform | a class name or index | comma-separated names or indices (cycled) | none
     guidance: float = 1.0  # classifier-free guidance scale (1 = off)
     seed: int = 0  # image i depends only on (seed, i, settings); >= 0
     grid_images: int = 64  # images in grid.png (0 = no grid)

@@ -136,7 +136,8 @@ def _load_embedded(cfg: DataConfig):
     if cfg.channels != 1:
         raise UserError(f"data.channels={cfg.channels} but the embedded digits are grey; set data.channels=1")
     arr = np.stack([fit_image(Image.fromarray(p, "L"), cfg.image_size, 1) for p in pixels])  # (N, 1, S, S)
-    return datasets.Dataset.from_dict({"pixels": arr, "label": labels}, features=_features(cfg)), 10, 0
+    names = [str(i) for i in range(10)]
+    return datasets.Dataset.from_dict({"pixels": arr, "label": labels}, features=_features(cfg)), names, 0
 
 
 def _decode_column(ds, cfg: DataConfig, image_key: str, label_key: str, names: list[str] | None = None):
@@ -194,21 +195,42 @@ def _load_folder(cfg: DataConfig):
     root = Path(cfg.path).expanduser()
     if not root.is_dir():
         raise UserError(f"data.path={cfg.path} is not a folder; point data.path at a folder of images")
-    files = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    files = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+             and not any(part.startswith(".") for part in p.relative_to(root).parts)]  # no hidden files or folders
     if not files:
         raise UserError(f"data.path={cfg.path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
                         "add images or fix the path")
     files.sort()
-    # class sub-folders give labels: every image inside a first-level sub-folder, and at least two of them
-    classes = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
-    labelled = len(classes) >= 2 and all(len(p.relative_to(root).parts) > 1 for p in files)
+    names = folder_classes(root, files, cfg.path)
     columns = {"image": [str(p) for p in files]}
-    if labelled:
-        index = {name: i for i, name in enumerate(classes)}
+    if names:
+        index = {name: i for i, name in enumerate(names)}
         columns["label"] = [index[p.relative_to(root).parts[0]] for p in files]
     ds = datasets.Dataset.from_dict(columns)  # built here, not by load_dataset: nothing is cached or "downloaded"
-    ds, skipped = _decode_column(ds, cfg, "image", "label" if labelled else "")
-    return ds, len(classes) if labelled else 0, skipped
+    ds, skipped = _decode_column(ds, cfg, "image", "label" if names else "")
+    return ds, names, skipped
+
+
+def folder_classes(root: Path, files: list[Path], shown: str) -> list[str] | None:
+    """The class names of an image folder: its first-level sub-folders when every image is inside one (sorted;
+    at least two, none empty), None when every image is at the top (unlabelled). Anything between is an error
+    naming the files or folders to move."""
+    depth = [len(f.relative_to(root).parts) for f in files]
+    if all(d == 1 for d in depth):
+        return None
+    stray = [f.name for f, d in zip(files, depth) if d == 1]
+    if stray:
+        raise UserError(f"data.path={shown} has {len(stray)} image(s) at its top ({', '.join(stray[:3])}) beside "
+                        "class folders; move them into a class folder (or all images to the top for unlabelled "
+                        "data)")
+    names = sorted({f.relative_to(root).parts[0] for f in files})
+    empty = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name not in names and not d.name.startswith("."))
+    if empty:
+        raise UserError(f"class folder {root / empty[0]} holds no images; add images or remove it")
+    if len(names) == 1:
+        raise UserError(f"data.path={shown} has one class folder ({names[0]}); add a folder per class, or move the "
+                        "images to the top of data.path for unlabelled data")
+    return names
 
 
 def _load_hub(cfg: DataConfig):
@@ -225,9 +247,10 @@ def _load_hub(cfg: DataConfig):
                         f"{', '.join(ds.column_names)}")
     label_key = cfg.label_key if cfg.label_key in ds.column_names else ""
     feature = ds.features.get(label_key) if label_key else None
-    num_classes = getattr(feature, "num_classes", 0) or (int(max(ds[label_key])) + 1 if label_key else 0)
+    names = list(getattr(feature, "names", None) or []) or (
+        [str(i) for i in range(int(max(ds[label_key])) + 1)] if label_key else None)
     ds, skipped = _decode_column(ds, cfg, cfg.image_key, label_key)
-    return ds, num_classes, skipped
+    return ds, names, skipped
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -274,6 +297,7 @@ class ImageData:
     train: ImageSet
     holdout: ImageSet
     num_classes: int  # 0 when the source has no labels
+    class_names: list[str] | None  # by label index; None when the source has no labels
     channels: int
     image_size: int
     skipped: int  # unreadable images skipped
@@ -282,11 +306,11 @@ class ImageData:
 def load_image_data(cfg: DataConfig) -> ImageData:
     """Load the configured source and split it into train and held-out sets (seeded, fixed)."""
     if cfg.source == "embedded":
-        ds, num_classes, skipped = _load_embedded(cfg)
+        ds, names, skipped = _load_embedded(cfg)
     elif cfg.source == "folder":
-        ds, num_classes, skipped = _load_folder(cfg)
+        ds, names, skipped = _load_folder(cfg)
     else:
-        ds, num_classes, skipped = _load_hub(cfg)
+        ds, names, skipped = _load_hub(cfg)
     n = len(ds)
     order = np.random.default_rng(cfg.split_seed).permutation(n)
     if cfg.max_images:
@@ -295,4 +319,5 @@ def load_image_data(cfg: DataConfig) -> ImageData:
     if len(order) - n_hold < 2:
         raise UserError(f"only {n} usable image(s) in the data; need at least 3 for a train/held-out split")
     holdout, train = ds.select(order[:n_hold]), ds.select(order[n_hold:])  # shuffled order: mixed classes
-    return ImageData(ImageSet(train), ImageSet(holdout), num_classes, cfg.channels, cfg.image_size, skipped)
+    return ImageData(ImageSet(train), ImageSet(holdout), len(names or []), names, cfg.channels, cfg.image_size,
+                     skipped)

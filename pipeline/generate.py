@@ -15,8 +15,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sampler", required=True, help="exported sampler folder (e.g. runs/mnist/sampler)")
     parser.add_argument("--num", type=int, default=64, help="number of images (default 64)")
     parser.add_argument("--label", default=None,
-                        help="class: an index (7), a list (3,5,7 cycled), uniform, or none (default: the "
-                             "sampler's default, uniform over classes for class-conditional priors)")
+                        help="class: a name or an index (cat, 7), a list (cat,dog or 3,5,7, cycled), uniform, or "
+                             "none (default: the sampler's default, uniform over classes for class-conditional priors)")
     parser.add_argument("--temperature", type=float, default=None, help="softmax temperature > 0 (default 1)")
     parser.add_argument("--top-k", type=int, default=None, help="keep the k most likely codes (0 = off)")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus mass in (0, 1] (1 = off)")

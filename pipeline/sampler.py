@@ -73,8 +73,8 @@ class Sampler(nn.Module):
     # ------------------------------------------------------------------------------------------------------
     @classmethod
     def from_models(cls, vqvae: VQVAE2, priors: list[Prior], image_size: int, level_names: list[str],
-                    prior_specs: list[dict]) -> Sampler:
-        sampler = cls(vqvae.cfg, vqvae.in_channels, image_size, priors, level_names, prior_specs)
+                    prior_specs: list[dict], class_names: list[str] | None = None) -> Sampler:
+        sampler = cls(vqvae.cfg, vqvae.in_channels, image_size, priors, level_names, prior_specs, class_names)
         sampler.vqvae.load_state_dict(vqvae.state_dict())
         return sampler.eval()
 
@@ -121,32 +121,44 @@ class Sampler(nn.Module):
 
     # ------------------------------------------------------------------------------------------------------
     def resolve_labels(self, labels: Any, indices: list[int], seed: int) -> torch.Tensor | None:
-        """Labels of the images ``indices``: None, "uniform", "none", an int, a list (cycled), or "3,5,7"."""
+        """Labels of the images ``indices``: None, "uniform", "none", a class by name or index, a list of them
+        (cycled), or a comma-separated string of them ("cat,dog", "3,5,7")."""
         c = self.num_classes
         if isinstance(labels, str):
-            text = labels.strip().lower()
-            if text in ("", "none"):
+            text = labels.strip()
+            if text.lower() in ("", "none"):
                 labels = None
-            elif text == "uniform":
+            elif text.lower() == "uniform":
                 if c == 0:
                     return None
                 return torch.tensor([int(np.random.default_rng([seed, LABEL_STREAM, i]).integers(c)) for i in indices])
             else:
-                try:
-                    labels = [int(x) for x in text.split(",")]
-                except ValueError:
-                    raise UserError(f"labels={labels!r}: expected uniform, none, a class index or a comma-separated "
-                                    "list like 3,5,7") from None
+                labels = [x.strip() for x in text.split(",")]
         if labels is None:
             return None
         if c == 0:
             raise UserError("labels were given but this prior is unconditional (trained with "
                             "prior.class_conditional=false); leave labels out or use labels=none")
         values = [labels] if isinstance(labels, (int, np.integer)) else list(labels)
-        bad = [v for v in values if not 0 <= int(v) < c]
-        if bad or not values:
-            raise UserError(f"label {bad[0] if bad else values} is outside the trained classes 0..{c - 1}")
-        return torch.tensor([int(values[i % len(values)]) for i in indices])
+        if not values:
+            raise UserError(f"labels={labels!r}: give a class name or index, a list of them, uniform or none")
+        index = [self.class_index(v) for v in values]
+        return torch.tensor([index[i % len(index)] for i in indices])
+
+    def class_index(self, label: Any) -> int:
+        """A class given by name ("cat") or index (3, "3") -> its index; anything else is one clear error."""
+        names = self.class_names or [str(i) for i in range(self.num_classes)]
+        if isinstance(label, str) and label in names:
+            return names.index(label)
+        try:
+            index = int(label)
+        except (TypeError, ValueError):
+            raise UserError(f"label {label!r} is not a class of this sampler; classes: {', '.join(names[:20])}"
+                            + (", ..." if len(names) > 20 else "")) from None
+        if not 0 <= index < self.num_classes:
+            raise UserError(f"label {label} is outside the trained classes 0..{self.num_classes - 1} "
+                            f"({', '.join(names[:20])})")
+        return index
 
     @torch.no_grad()
     def generate_samples(self, num: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,

@@ -15,7 +15,7 @@ from pipeline.data import ImageSet, load_image_data, to_float, to_uint8
 from pipeline.distributed import on_rank_zero
 from pipeline.fabric import make_fabric, make_loggers
 from pipeline.images import save_grid
-from pipeline.io import load_checkpoint
+from pipeline.io import UserError, load_checkpoint
 from pipeline.metrics.reconstruction import reconstruction_stats
 from pipeline.training import Task, fit
 from pipeline.vqvae import VQVAE2, level_names
@@ -39,11 +39,15 @@ def run_stage1(cfg: Config, run: RunFolder, fresh: bool = False) -> dict[str, fl
         trained_for = load_checkpoint(last)["meta"]["config"]
         check_resumable(last, config_diff(trained_for, cfg.to_dict(), STAGE1_KEYS), "config", "stage1")
     data = load_image_data(cfg.data)
+    if cfg.prior.class_conditional and not data.class_names:
+        raise UserError(f"prior.class_conditional=true but the data has no labels (data.source={cfg.data.source}); "
+                        "set prior.class_conditional=false, or give the images class folders")
     fabric = make_fabric(cfg.fabric, loggers=make_loggers(run.stage1))
     on_rank_zero(fabric, lambda: save_config(cfg, run.config))
     if fabric.global_rank == 0:
+        classes = f", classes {', '.join(data.class_names)}" if data.class_names else ", unlabelled"
         fabric.print(f"stage 1: {len(data.train)} train / {len(data.holdout)} held-out images, "
-                     f"{data.image_size}px x {data.channels}ch; run folder {run}")
+                     f"{data.image_size}px x {data.channels}ch{classes}; run folder {run}")
     torch.manual_seed(cfg.stage1.seed)
     model = VQVAE2(cfg.vqvae, in_channels=cfg.data.channels)
     n_params = sum(p.numel() for p in model.parameters())
@@ -71,7 +75,8 @@ def run_stage1(cfg: Config, run: RunFolder, fresh: bool = False) -> dict[str, fl
     task = Task(model=model, train_set=data.train, training_step=training_step, validate=validate,
                 best_metric="mse", units="img", num_workers=cfg.data.num_workers,
                 progress_keys=tuple(f"usage_{n}" for n in names),
-                meta={"config": cfg.to_dict(), "num_classes": data.num_classes, "stage": "stage1"})
+                meta={"config": cfg.to_dict(), "num_classes": data.num_classes, "class_names": data.class_names,
+                      "stage": "stage1"})
     metrics = fit(fabric, task, cfg.stage1, run.stage1, fresh=fresh, desc="stage 1")
     if fabric.global_rank == 0 and metrics:
         summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())

@@ -34,11 +34,12 @@ def spec_diff(old: dict, new: dict) -> list[str]:
     return config_diff({"prior": flat(old)}, {"prior": flat(new)}, ("prior",))
 
 
-def prior_task(cfg: Config, spec: dict, level: int, name: str, train: CodeSet, holdout: CodeSet, num_classes: int,
-               stage1_sha256: str) -> Task:
+def prior_task(cfg: Config, spec: dict, level: int, name: str, train: CodeSet, holdout: CodeSet,
+               class_names: list[str] | None, stage1_sha256: str) -> Task:
     """What the training loop needs to fit the prior of ``level``: the model, its loss and held-out metrics."""
     torch.manual_seed(cfg.stage2.seed + level)
     drop = cfg.prior.class_dropout
+    num_classes = len(class_names or [])
 
     def training_step(fabric, model, batch, step):
         codes, labels = batch
@@ -59,7 +60,7 @@ def prior_task(cfg: Config, spec: dict, level: int, name: str, train: CodeSet, h
                 best_metric="nll_bits", units="tok", count_units=lambda b: b[0][level].numel(),
                 progress_keys=("bits_per_code",), log_prefix=f"{name}/",
                 meta={"config": cfg.to_dict(), "prior": spec, "level": name, "level_index": level,
-                      "stage1_sha256": stage1_sha256, "stage": "stage2"})
+                      "stage1_sha256": stage1_sha256, "class_names": class_names, "stage": "stage2"})
 
 
 def run_stage2(cfg: Config, run: RunFolder, fresh: bool = False) -> dict:
@@ -69,8 +70,10 @@ def run_stage2(cfg: Config, run: RunFolder, fresh: bool = False) -> dict:
 
     def extract() -> None:  # rank 0 writes the codes; the others read them once it is done
         data = load_image_data(cfg1.data)  # stage 1's data settings, from its checkpoint
-        num_classes = load_checkpoint(stage1_path)["meta"].get("num_classes", 0)
-        extract_codes(vqvae.to(fabric.device), stage1_path, data.train, data.holdout, run.codes, num_classes, names,
+        meta = load_checkpoint(stage1_path)["meta"]  # class names: older checkpoints have only their number
+        class_names = meta.get("class_names") or ([str(i) for i in range(meta["num_classes"])]
+                                                  if meta.get("num_classes") else None)
+        extract_codes(vqvae.to(fabric.device), stage1_path, data.train, data.holdout, run.codes, class_names, names,
                       cfg1.data.image_size, cfg.extract.batch_size, cfg.extract.shard_size, fabric.device,
                       log=fabric.print)
 
@@ -92,7 +95,8 @@ def run_stage2(cfg: Config, run: RunFolder, fresh: bool = False) -> dict:
                             if meta.get("stage1_sha256") != sha else [], "stage-1 model", "stage2")
             trained = normalize_spec(meta["prior"]) if meta.get("prior") else {}
             check_resumable(last, spec_diff(trained, spec), "prior config", "stage2")
-        task = prior_task(cfg, spec, level, name, train, holdout, num_classes, sha)
+        class_names = (manifest.get("class_names") or [str(i) for i in range(num_classes)]) if num_classes else None
+        task = prior_task(cfg, spec, level, name, train, holdout, class_names, sha)
         n_params = sum(p.numel() for p in task.model.parameters())
         fabric.print(f"stage 2, {name} prior: {net.kind} ({n_params / 1e6:.2f}M parameters) over {grids[level]} codes"
                      + (f" given the {names[level - 1]} codes" if level else "")

@@ -21,7 +21,7 @@ def test_extract_load_same_integers_and_reextract_on_change(tmp_path):
     torch.save({"model": model.state_dict()}, ckpt)
     folder = tmp_path / "codes"
     logs = []
-    manifest = extract_codes(model, ckpt, data.train, data.holdout, folder, 10, ["top", "bottom"], 16,
+    manifest = extract_codes(model, ckpt, data.train, data.holdout, folder, data.class_names, ["top", "bottom"], 16,
                              batch_size=16, shard_size=25, log=logs.append)
     assert len(manifest["splits"]["train"]["shards"]) == 3  # 72 train grids in shards of 25
     codes = CodeSet(folder, "train", load_manifest(folder))
@@ -34,12 +34,14 @@ def test_extract_load_same_integers_and_reextract_on_change(tmp_path):
     assert torch.equal(labels, true_labels)
     assert np.load(folder / "train-bottom-00000.npy", mmap_mode="r").dtype == np.int16
 
-    extract_codes(model, ckpt, data.train, data.holdout, folder, 10, ["top", "bottom"], 16, log=logs.append)
+    extract_codes(model, ckpt, data.train, data.holdout, folder, data.class_names, ["top", "bottom"], 16,
+                  log=logs.append)
     assert "reusing" in logs[-1]
     with torch.no_grad():
         model.quantizers[0].codebook.mul_(-1)  # a changed stage-1 model ...
     torch.save({"model": model.state_dict()}, ckpt)
-    extract_codes(model, ckpt, data.train, data.holdout, folder, 10, ["top", "bottom"], 16, log=logs.append)
+    extract_codes(model, ckpt, data.train, data.holdout, folder, data.class_names, ["top", "bottom"], 16,
+                  log=logs.append)
     assert any("changed" in line for line in logs)  # ... is extracted again
     assert load_manifest(folder)["splits"]["train"]["n"] == 72
 

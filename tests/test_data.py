@@ -99,3 +99,33 @@ def test_colour_images_with_one_channel_are_converted_and_counted(tmp_path):
     assert grey.train.all_pixels().shape[1] == 1
     data = load_image_data(DataConfig(source="folder", path=str(root), image_size=16, channels=3))
     assert data.train.all_pixels().shape[1] == 3
+
+
+def test_folder_label_rules(tmp_path):
+    """Class folders give sorted class names; all images at the top is unlabelled; anything between is one line."""
+    root = make_folder(tmp_path / "ok")
+    (root / ".hidden").mkdir()
+    Image.new("L", (8, 8)).save(root / ".hidden" / "x.png")  # hidden folders are not classes
+    data = load_image_data(DataConfig(source="folder", path=str(root), image_size=16, holdout_fraction=0.25))
+    assert data.class_names == ["cat", "dog"] and data.num_classes == 2
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(4):
+        Image.new("L", (8, 8), i).save(flat / f"{i}.png")
+    data = load_image_data(DataConfig(source="folder", path=str(flat), image_size=16, holdout_fraction=0.25))
+    assert data.class_names is None and data.num_classes == 0 and (data.train.labels == -1).all()
+
+    Image.new("L", (8, 8)).save(root / "stray.png")
+    with pytest.raises(UserError, match=r"has 1 image\(s\) at its top \(stray.png\) beside class folders"):
+        load_image_data(DataConfig(source="folder", path=str(root), image_size=16))
+    (root / "stray.png").unlink()
+    (root / "empty").mkdir()
+    with pytest.raises(UserError, match=r"class folder .*empty holds no images; add images or remove it"):
+        load_image_data(DataConfig(source="folder", path=str(root), image_size=16))
+    single = tmp_path / "single" / "only"
+    single.mkdir(parents=True)
+    for i in range(4):
+        Image.new("L", (8, 8), i).save(single / f"{i}.png")
+    with pytest.raises(UserError, match=r"has one class folder \(only\); add a folder per class"):
+        load_image_data(DataConfig(source="folder", path=str(single.parent), image_size=16))

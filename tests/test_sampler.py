@@ -70,7 +70,7 @@ def test_labels_reach_the_codes(sampler):
     "kwargs,message",
     [
         ({"labels": 10}, "outside the trained classes 0..9"),
-        ({"labels": "seven"}, "labels='seven'"),
+        ({"labels": "seven"}, "label 'seven' is not a class of this sampler; classes: 0, 1, 2"),
         ({"top_p": 0.0}, "top_p=0.0"),
         ({"top_p": 1.5}, "top_p=1.5"),
         ({"temperature": 0.0}, "temperature=0.0"),

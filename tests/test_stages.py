@@ -212,3 +212,39 @@ def test_run_folders_of_the_previous_layout_still_load(smoke_run, tmp_path):
         torch.save(ckpt, path)
     assert run(stage2, run_dir, "stage2.max_steps=2") == 0
     assert run(sample, run_dir, "sample.num=4") == 0
+
+
+def test_class_names_travel_from_folders_to_the_exported_sampler(tmp_path, capsys):
+    """Class folders name the classes; sample.labels, --label and Sampler.generate take the names; the export's
+    config.json lists them. Unlabelled data with a class-conditional prior stops at the start of stage 1."""
+    from pipeline.generate import main as generate
+    from pipeline.sampler import Sampler
+    from tests.conftest import image_folder
+
+    images = image_folder(tmp_path / "images", n=12)
+    (images / "a").rename(images / "cat")
+    (images / "b").rename(images / "dog")
+    run_dir, data = tmp_path / "run", ["data.source=folder", f"data.path={images}", "data.image_size=16"]
+    short = ["stage1.max_steps=2", "stage1.batch_size=8", "stage2.max_steps=2", "stage2.batch_size=8"]
+    assert run(stage1, run_dir, *data, *short) == 0
+    assert "classes cat, dog" in capsys.readouterr().out
+    assert run(stage2, run_dir, *short) == 0
+    assert run(sample, run_dir, "sample.num=6", "sample.labels=dog,cat") == 0
+    with np.load(run_dir / "samples" / "samples.npz") as z:
+        assert z["labels"].tolist() == [1, 0, 1, 0, 1, 0]
+    assert json.loads((run_dir / "sampler" / "config.json").read_text())["class_names"] == ["cat", "dog"]
+    sampler = Sampler.from_pretrained(run_dir / "sampler")
+    assert sampler.generate_samples(3, labels="cat").labels.tolist() == [0, 0, 0]
+    capsys.readouterr()
+    out = tmp_path / "x.png"
+    assert generate(["--sampler", str(run_dir / "sampler"), "--num", "2", "--label", "dog", "--out", str(out)]) == 0
+    assert generate(["--sampler", str(run_dir / "sampler"), "--num", "2", "--label", "cow", "--out", str(out)]) == 2
+    assert "error: label 'cow' is not a class of this sampler; classes: cat, dog" in capsys.readouterr().err
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for p in sorted(images.rglob("*.png"))[:8]:
+        p.rename(flat / f"{p.parent.name}-{p.name}")
+    assert run(stage1, tmp_path / "run2", "data.source=folder", f"data.path={flat}", "data.image_size=16") == 2
+    assert "prior.class_conditional=true but the data has no labels" in capsys.readouterr().err
+    assert not (tmp_path / "run2").exists()
