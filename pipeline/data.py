@@ -140,7 +140,7 @@ def _load_embedded(cfg: DataConfig):
     return datasets.Dataset.from_dict({"pixels": arr, "label": labels}, features=_features(cfg)), names, 0
 
 
-def _decode_column(ds, cfg: DataConfig, image_key: str, label_key: str, names: list[str] | None = None):
+def _decode_column(ds, cfg: DataConfig, image_key: str, label_key: str):
     """Decode and fit images in batches; corrupt files are skipped (counted) or raise, per data.on_corrupt."""
     import datasets
 

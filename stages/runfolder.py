@@ -120,14 +120,16 @@ def load_priors(run: RunFolder, levels: int, stage1_path: Path, map_location: st
     return out
 
 
-def build_sampler(run: RunFolder) -> Sampler:
-    """The sampler of a run, from its stage-1 and stage-2 checkpoints (architectures read from them)."""
+def build_sampler(run: RunFolder) -> tuple[Sampler, Config]:
+    """The sampler of a run, from its stage-1 and stage-2 checkpoints (architectures read from them), and the
+    stage-1 config (its data settings), so no caller loads stage 1 a second time."""
     vqvae, cfg1, stage1_path = load_vqvae(run)
     priors = load_priors(run, vqvae.levels, stage1_path)
     num_classes = priors[0][0].num_classes  # older checkpoints have no class names: the indices name them
     class_names = (priors[0][1].get("class_names") or [str(i) for i in range(num_classes)]) if num_classes else None
-    return Sampler.from_models(vqvae, [p for p, _ in priors], cfg1.data.image_size, level_names(vqvae.levels),
-                               [normalize_spec(meta["prior"]) for _, meta in priors], class_names)
+    sampler = Sampler.from_models(vqvae, [p for p, _ in priors], cfg1.data.image_size, level_names(vqvae.levels),
+                                  [normalize_spec(meta["prior"]) for _, meta in priors], class_names)
+    return sampler, cfg1
 
 
 def load_samples(run: RunFolder) -> dict[str, np.ndarray]:

@@ -27,7 +27,7 @@ def sampling_settings(cfg: Config) -> dict:
 
 
 def run_sample(cfg: Config, run: RunFolder) -> Samples | None:
-    sampler = build_sampler(run)
+    sampler, _ = build_sampler(run)
     fabric = make_fabric(cfg.fabric)
     sampler = sampler.to(fabric.device)
     settings = sampling_settings(cfg)

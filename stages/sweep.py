@@ -20,7 +20,7 @@ from pipeline.metrics import fid_from_features, precision_recall
 from pipeline.metrics.extract import features_of, make_extractor
 from pipeline.metrics.report import sweep_plot
 from stages.cli import run_main, stage_parser
-from stages.runfolder import RunFolder, build_sampler, load_vqvae
+from stages.runfolder import RunFolder, build_sampler
 
 
 def sweep_settings(cfg: Config) -> list[dict]:
@@ -32,8 +32,7 @@ def sweep_settings(cfg: Config) -> list[dict]:
 
 def run_sweep(cfg: Config, run: RunFolder) -> list[dict] | None:
     t0 = time.perf_counter()
-    sampler = build_sampler(run)
-    _, cfg1, _ = load_vqvae(run)
+    sampler, cfg1 = build_sampler(run)
     fabric = make_fabric(cfg.fabric)
     sampler = sampler.to(fabric.device)
     data = load_image_data(cfg1.data)

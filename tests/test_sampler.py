@@ -17,7 +17,7 @@ from tests.conftest import assert_same_images
 
 @pytest.fixture(scope="module")
 def sampler(smoke_run):
-    return build_sampler(RunFolder(smoke_run))
+    return build_sampler(RunFolder(smoke_run))[0]
 
 
 def test_export_matches_training_checkpoints_and_npz(smoke_run, sampler):
