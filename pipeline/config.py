@@ -27,19 +27,24 @@ class ConfigError(UserError, ValueError):
 
 @dataclass
 class DataConfig:
-    source: str = "embedded"  # embedded | folder | hub
-    name: str = "mnist_5k"  # embedded: mnist_5k; hub: the dataset name on the Hugging Face Hub
-    path: str = ""  # folder: a directory of images (class sub-folders give labels)
-    split: str = "train"  # hub: the split to read
+    source: str = "embedded"  # embedded | folder | hub | idx
+    name: str = "mnist_5k"  # embedded: mnist_5k; hub: the dataset name on the Hugging Face Hub (or a local copy)
+    path: str = ""  # folder: a directory of images (class sub-folders give labels); idx: a folder of IDX files
+    split: str = "train"  # hub: the split to train on
+    holdout_split: str = "auto"  # auto: the data's own val/validation/test split if it has one | none: carve out
     image_key: str = "image"  # hub: the image column
     label_key: str = "label"  # hub: the label column ("" for none)
+    class_names: list[str] = field(default_factory=list)  # idx: the names of labels 0, 1, ... (else from the data)
     image_size: int = 32  # images are padded/resized to image_size x image_size
     channels: int = 1  # 1 (grey) or 3 (RGB)
-    holdout_fraction: float = 0.1  # held-out share, split with a fixed seed
-    split_seed: int = 0  # seed of the held-out split (>= 0)
-    max_images: int = 0  # 0 = all; otherwise the first N after shuffling with split_seed
+    holdout_fraction: float = 0.1  # held-out share carved out with a fixed seed (and its share of max_images)
+    split_seed: int = 0  # seed of the held-out carve-out and of the max_images subset (>= 0)
+    max_images: int = 0  # 0 = all; otherwise at most N images in all, drawn with split_seed
     on_corrupt: str = "skip"  # skip (count and warn) | error
     background: str = "white"  # what transparent pixels show: a colour name, #rrggbb or rgb(r, g, b)
+    hflip: bool = False  # stage-1 training only: flip each image left-right with probability 1/2
+    crop_scale: float = 1.0  # stage-1 training only: random resized crop keeping >= this share of the area (1 = off)
+    num_proc: int = 0  # processes that decode a large image set (0 = one per core)
     num_workers: int = 0  # DataLoader worker processes
 
 
@@ -471,11 +476,20 @@ def check_sampling_settings(temperature: float, top_k: int, top_p: float, guidan
 
 def validate(cfg: Config) -> None:
     d, f, v = cfg.data, cfg.fabric, cfg.vqvae
-    _check_choice("data.source", d.source, ("embedded", "folder", "hub"))
+    _check_choice("data.source", d.source, ("embedded", "folder", "hub", "idx"))
     if d.source == "embedded":
         _check_choice("data.name", d.name, ("mnist_5k",))
     if d.source == "folder":
         _check(bool(d.path), "data.path", d.path, "set data.path to a folder of images for data.source=folder")
+    if d.source == "idx":
+        _check(bool(d.path), "data.path", d.path, "set data.path to the folder of IDX files for data.source=idx")
+    _check(bool(d.holdout_split.strip()), "data.holdout_split", d.holdout_split,
+           "auto (the data's own held-out split if any), none (carve out), or a split name")
+    _check(not d.class_names or d.source in ("idx", "hub"), "data.class_names", d.class_names,
+           "only for data.source=idx or hub (folders name classes by their sub-folders, the digits are 0-9)")
+    _check(len(set(d.class_names)) == len(d.class_names), "data.class_names", d.class_names, "names must differ")
+    _check(0 < d.crop_scale <= 1, "data.crop_scale", d.crop_scale, "must be in (0, 1] (1 = no random crop)")
+    _check(d.num_proc >= 0, "data.num_proc", d.num_proc, "must be >= 0 (0 = one per core)")
     _check(d.channels in (1, 3), "data.channels", d.channels, "1 (grey) or 3 (RGB)")
     _check(d.image_size >= 8, "data.image_size", d.image_size, "must be >= 8")
     _check(d.image_size % v.downsample == 0, "data.image_size", d.image_size,
