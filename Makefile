@@ -24,11 +24,11 @@ STAMP := $(VENV)/.installed
 # functions; CONFIG and RUN are quoted, ARGS is split on spaces on purpose
 STAGE = $(PY) -m stages.$(1) --config "$(CONFIG)" $(if $(RUN),--run "$(RUN)",) $(ARGS)
 
-.PHONY: help install stage1 stage2 sample evaluate sweep test lint bench clean
+.PHONY: help install emoji-data data stage1 stage2 sample evaluate sweep test lint bench clean
 
 help:
 	@sed -n '1,/^$$/p' Makefile | sed 's/^# \{0,1\}//'
-	@echo "targets: install stage1 stage2 sample evaluate sweep test lint bench clean"
+	@echo "targets: install emoji-data data stage1 stage2 sample evaluate sweep test lint bench clean"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,13 @@ $(STAMP): pyproject.toml
 	touch $@
 
 install: $(STAMP)
+
+# the class folders of configs/emoji.yaml, from the npm package emoji-datasource-google (needs npm)
+emoji-data: $(STAMP)
+	$(PY) scripts/emoji_folders.py data/emoji
+
+data: $(STAMP)
+	$(call STAGE,data)
 
 stage1: $(STAMP)
 	$(call STAGE,stage1)
@@ -58,7 +65,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(PY) -m ruff check pipeline stages tests bench
+	$(PY) -m ruff check pipeline stages tests bench scripts
 
 bench: $(STAMP)
 	$(PY) -m bench.run $(if $(QUICK),--quick,)

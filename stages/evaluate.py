@@ -27,7 +27,7 @@ from pipeline.io import UserError, atomic_write_text
 from pipeline.metrics import fid_from_features
 from pipeline.metrics.extract import features_of, make_extractor
 from pipeline.metrics.reconstruction import reconstruction_stats
-from pipeline.metrics.report import quality, report_markdown, summary_table, usage_plot
+from pipeline.metrics.report import per_class_accuracy, quality, report_markdown, summary_table, usage_plot
 from pipeline.priors.likelihood import heldout_nll_bits
 from pipeline.vqvae import level_names
 from stages.cli import run_main, stage_parser
@@ -55,7 +55,7 @@ def run_evaluate(cfg: Config, run: RunFolder) -> dict | None:
     priors = load_priors(run, vqvae.levels, stage1_path)
     fabric = make_fabric(cfg.fabric)
     log = fabric.print
-    data = load_image_data(cfg1.data)
+    data = rank_zero_first(fabric, lambda: load_image_data(cfg1.data, cache_dir=run.data_cache))
     # rank 0 trains (or loads) and caches the domain classifier, then the others load that file
     extractor, extractor_info = rank_zero_first(fabric, lambda: make_extractor(e, run.classifier, data, log=log))
     extractor.module.to(fabric.device)
@@ -65,7 +65,7 @@ def run_evaluate(cfg: Config, run: RunFolder) -> dict | None:
     if n < e.k + 1:
         raise UserError(f"only {n} images to compare (samples {len(fake)}, held-out {len(data.holdout)}); "
                         f"need more than evaluate.k={e.k}")
-    held = data.holdout.all_pixels(n)
+    held, held_labels = data.holdout.all_pixels(n), data.holdout.labels[:n].numpy()
     f_ref, _ = features_of(fabric, extractor, seeded_subset(data.train, n, seed=0), n, e.batch_size,
                            "features: train reference")
     f_fake, l_fake = features_of(fabric, extractor, fake[:n], n, e.batch_size, "features: samples")
@@ -94,6 +94,7 @@ def run_evaluate(cfg: Config, run: RunFolder) -> dict | None:
             "codebook": {name: {"usage": stats[f"usage_{name}"], "perplexity": stats[f"perplexity_{name}"]}
                          for name in names},
             "prior_nll_bits": nll,
+            "per_class": per_class_accuracy(l_fake, samples["labels"][:n], l_held, held_labels, data.class_names),
             "sampling": {k: settings.get(k) for k in ("temperature", "top_k", "top_p", "guidance", "labels", "seed")},
             "eval_seconds": None,
         }

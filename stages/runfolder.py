@@ -4,6 +4,7 @@ No other module builds a run-folder path.
 
     RUN/
       config.yaml                  the resolved config of the latest stage-1 run
+      data/                        summary.json, preview.png, cache/ (the prepared images)
       .lock                        held while a stage runs here
       stage1/                      last.ckpt, best.ckpt, logs/, reconstructions.png
       codes/                       manifest.json + code shards (pipeline.codes)
@@ -35,6 +36,10 @@ class RunFolder:
     root: Path
 
     config = property(lambda self: self.root / "config.yaml")
+    data = property(lambda self: self.root / "data")
+    data_summary = property(lambda self: self.data / "summary.json")
+    data_preview = property(lambda self: self.data / "preview.png")
+    data_cache = property(lambda self: self.data / "cache")
     stage1 = property(lambda self: self.root / "stage1")
     stage1_grid = property(lambda self: self.stage1 / "reconstructions.png")
     codes = property(lambda self: self.root / "codes")

@@ -11,15 +11,17 @@ import torch
 
 from pipeline.checkpoint import LAST_CKPT
 from pipeline.config import Config, config_diff, save_config
-from pipeline.data import ImageSet, load_image_data, to_float, to_uint8
-from pipeline.distributed import on_rank_zero
+from pipeline.data import ImageSet, augment, load_image_data, to_float, to_uint8
+from pipeline.distributed import on_rank_zero, rank_zero_first
 from pipeline.fabric import make_fabric, make_loggers
 from pipeline.images import save_grid
 from pipeline.io import UserError, load_checkpoint
 from pipeline.metrics.reconstruction import reconstruction_stats
+from pipeline.sources import has_labels
 from pipeline.training import Task, fit
 from pipeline.vqvae import VQVAE2, level_names
 from stages.cli import run_main, stage_parser
+from stages.data import write_data_report
 from stages.runfolder import RunFolder, check_resumable
 
 STAGE1_KEYS = ("data", "vqvae")  # the config sections a stage-1 model depends on
@@ -33,21 +35,30 @@ def save_reconstructions(fabric, path: Path, model, holdout: ImageSet, n: int) -
     on_rank_zero(fabric, lambda: save_grid(path, torch.cat([pixels, to_uint8(recon).cpu()]), nrow=min(n, 16)))
 
 
+def no_labels(cfg: Config) -> None:
+    raise UserError(f"prior.class_conditional=true but the data has no labels (data.source={cfg.data.source}); "
+                    "set prior.class_conditional=false, or give the images class folders")
+
+
 def run_stage1(cfg: Config, run: RunFolder, fresh: bool = False) -> dict[str, float]:
     last = run.stage1 / LAST_CKPT
     if last.exists() and not fresh:
         trained_for = load_checkpoint(last)["meta"]["config"]
         check_resumable(last, config_diff(trained_for, cfg.to_dict(), STAGE1_KEYS), "config", "stage1")
-    data = load_image_data(cfg.data)
-    if cfg.prior.class_conditional and not data.class_names:
-        raise UserError(f"prior.class_conditional=true but the data has no labels (data.source={cfg.data.source}); "
-                        "set prior.class_conditional=false, or give the images class folders")
+    if cfg.prior.class_conditional and has_labels(cfg.data) is False:
+        no_labels(cfg)
     fabric = make_fabric(cfg.fabric, loggers=make_loggers(run.stage1))
+    # rank 0 prepares and caches the images, then the other ranks read the cache
+    data = rank_zero_first(fabric, lambda: load_image_data(cfg.data, cache_dir=run.data_cache))
+    if cfg.prior.class_conditional and not data.class_names:
+        no_labels(cfg)
     on_rank_zero(fabric, lambda: save_config(cfg, run.config))
     if fabric.global_rank == 0:
+        write_data_report(data, cfg, run)  # what `make data` writes, for the data this run trains on
         classes = f", classes {', '.join(data.class_names)}" if data.class_names else ", unlabelled"
-        fabric.print(f"stage 1: {len(data.train)} train / {len(data.holdout)} held-out images, "
-                     f"{data.image_size}px x {data.channels}ch{classes}; run folder {run}")
+        fabric.print(f"stage 1: {len(data.train)} train / {len(data.holdout)} held-out images "
+                     f"({data.holdout_source}), {data.image_size}px x {data.channels}ch{classes}; run folder {run}")
+    augmented = cfg.data.hflip or cfg.data.crop_scale < 1
     torch.manual_seed(cfg.stage1.seed)
     model = VQVAE2(cfg.vqvae, in_channels=cfg.data.channels)
     n_params = sum(p.numel() for p in model.parameters())
@@ -58,6 +69,8 @@ def run_stage1(cfg: Config, run: RunFolder, fresh: bool = False) -> dict[str, fl
     def training_step(fabric, model, batch, step):
         pixels, _ = batch
         x = to_float(pixels)
+        if augmented:  # training batches only: validation, code extraction and evaluation see the images as they are
+            x = augment(x, cfg.data.hflip, cfg.data.crop_scale)
         if cfg.stage1.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         out = model(x)

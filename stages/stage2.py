@@ -69,7 +69,7 @@ def run_stage2(cfg: Config, run: RunFolder, fresh: bool = False) -> dict:
     fabric = make_fabric(cfg.fabric, loggers=make_loggers(run.stage2))
 
     def extract() -> None:  # rank 0 writes the codes; the others read them once it is done
-        data = load_image_data(cfg1.data)  # stage 1's data settings, from its checkpoint
+        data = load_image_data(cfg1.data, cache_dir=run.data_cache)  # stage 1's data settings
         meta = load_checkpoint(stage1_path)["meta"]  # class names: older checkpoints have only their number
         class_names = meta.get("class_names") or ([str(i) for i in range(meta["num_classes"])]
                                                   if meta.get("num_classes") else None)

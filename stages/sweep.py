@@ -35,7 +35,7 @@ def run_sweep(cfg: Config, run: RunFolder) -> list[dict] | None:
     sampler, cfg1 = build_sampler(run)
     fabric = make_fabric(cfg.fabric)
     sampler = sampler.to(fabric.device)
-    data = load_image_data(cfg1.data)
+    data = rank_zero_first(fabric, lambda: load_image_data(cfg1.data, cache_dir=run.data_cache))
     # rank 0 trains (or loads) and caches the domain classifier, then the others load that file
     extractor, _ = rank_zero_first(fabric, lambda: make_extractor(cfg.evaluate, run.classifier, data,
                                                                   log=fabric.print))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LINKED = (".venv", "Makefile", "pyproject.toml", "configs", "pipeline", "stages", "tests", "README.md")
+LINKED = (".venv", "Makefile", "pyproject.toml", "configs", "pipeline", "scripts", "stages", "tests", "README.md")
 
 
 def runnable_blocks() -> list[str]:
@@ -40,6 +40,7 @@ def test_readme_block_runs(tmp_path, index):
 
 
 @pytest.mark.parametrize("stage,own,others", [
+    ("data", ["data.holdout_split", "data.hflip", "data.num_proc"], ["vqvae.", "stage1.", "prior.", "--fresh"]),
     ("stage1", ["data.path", "vqvae.codebook_size", "stage1.max_steps", "fabric.devices"], ["prior.", "sample."]),
     ("stage2", ["prior.top.kind", "prior.top.kernel_size", "extract.shard_size"], ["vqvae.", "sample.num", "data."]),
     ("sample", ["sample.guidance", "sample.grid_images"], ["stage1.", "prior.", "--fresh"]),
@@ -65,5 +66,5 @@ def test_make_help_prints_the_variables_and_targets_only():
                           timeout=60)
     assert proc.returncode == 0 and proc.stderr == ""
     lines = proc.stdout.splitlines()
-    assert lines[0].startswith("One-command runs.") and lines[-1].startswith("targets: install stage1")
+    assert lines[0].startswith("One-command runs.") and lines[-1].startswith("targets: install emoji-data data stage1")
     assert not any("?=" in line or ":=" in line or line.startswith("#") for line in lines), proc.stdout

@@ -248,3 +248,92 @@ def test_class_names_travel_from_folders_to_the_exported_sampler(tmp_path, capsy
     assert run(stage1, tmp_path / "run2", "data.source=folder", f"data.path={flat}", "data.image_size=16") == 2
     assert "prior.class_conditional=true but the data has no labels" in capsys.readouterr().err
     assert not (tmp_path / "run2").exists()
+
+
+def mixed_mode_folder(root: Path) -> Path:
+    """Class folders "circle" and "square" whose images are RGBA, LA, palette with transparency, 16-bit grey,
+    CMYK JPEG and EXIF-rotated JPEG; every transparent pixel stores pure green (0, 255, 0) under its alpha."""
+    from PIL import Image
+
+    yy, xx = np.mgrid[:20, :20]
+    shapes = {"circle": (yy - 10) ** 2 + (xx - 10) ** 2 < 36, "square": (abs(yy - 10) < 6) & (abs(xx - 10) < 6)}
+    for name, inside in shapes.items():
+        folder = root / name
+        folder.mkdir(parents=True)
+        for i in range(3):
+            rgba = np.zeros((20, 20, 4), np.uint8)
+            rgba[..., 1] = 255  # green hidden under alpha 0
+            rgba[inside] = (200, 40 * i, 40, 255)
+            Image.fromarray(rgba, "RGBA").save(folder / f"rgba{i}.png")
+            la = np.stack([np.where(inside, 30 * i, 180), np.where(inside, 255, 0)], -1).astype(np.uint8)
+            Image.fromarray(la, "LA").save(folder / f"la{i}.png")
+            pal = Image.fromarray(inside.astype(np.uint8) + 1, "L").convert("P")
+            pal.putpalette([0, 255, 0, 20 * i, 0, 200, 255, 0, 0] + [0] * 759)  # 0 green (unused), 1 transparent
+            pal.save(folder / f"pal{i}.png", transparency=1)
+            Image.fromarray(np.where(inside, 50000 - 9000 * i, 1000).astype(np.uint16)).save(folder / f"deep{i}.png")
+            Image.fromarray(np.where(inside[..., None], [0, 200, 100 + 40 * i, 0], 0).astype(np.uint8),
+                            "CMYK").save(folder / f"cmyk{i}.jpg")
+            rotated = Image.fromarray(np.where(inside[..., None], [20 * i, 90, 200], 255).astype(np.uint8), "RGB")
+            exif = Image.Exif()
+            exif[0x0112] = 6  # "rotate 90 clockwise to display"
+            rotated.save(folder / f"exif{i}.jpg", exif=exif)
+    return root
+
+
+def test_a_folder_of_every_mode_trains_samples_by_name_and_exports_its_names(tmp_path, capsys):
+    """Issue 14's acceptance: RGBA, LA, palette + transparency, 16-bit grey, CMYK and EXIF-rotated images in named
+    class folders: `make data` reports each mode, the stages train, sample by class name and export a sampler
+    whose config.json lists the names; no pixel anywhere shows the green stored under transparent pixels."""
+    from pipeline.data import load_image_data
+    from pipeline.sampler import Sampler
+    from stages import data as data_stage
+
+    images = mixed_mode_folder(tmp_path / "images")
+    run_dir = tmp_path / "run"
+    base = ["data.source=folder", f"data.path={images}", "data.image_size=16", "data.channels=3",
+            "data.holdout_fraction=0.25"]
+    assert run(data_stage, run_dir, *base) == 0
+    summary = json.loads((run_dir / "data" / "summary.json").read_text())
+    assert set(summary["modes"]) == {"RGBA", "LA", "P+transparency", "I;16", "CMYK", "RGB"}
+    assert summary["modes"]["I;16"]["conversion"] == "16-bit scaled to 8 bits; grey -> RGB (lossless)"
+    assert summary["exif_rotated"] == 6 and summary["class_names"] == ["circle", "square"]
+    assert "mode CMYK: 6 image(s), CMYK -> RGB" in capsys.readouterr().out
+    data = load_image_data(load_config_data(base), cache_dir=run_dir / "data" / "cache")
+    assert data.prepared["cached"]
+    pixels = torch.cat([data.train.all_pixels(), data.holdout.all_pixels()]).permute(0, 2, 3, 1).reshape(-1, 3)
+    green = (pixels[:, 1] > 200) & (pixels[:, 0] < 60) & (pixels[:, 2] < 60)
+    assert not bool(green.any()), f"{int(green.sum())} pixels show the colour stored under transparency"
+
+    short = ["stage1.max_steps=4", "stage1.batch_size=8", "stage2.max_steps=4", "stage2.batch_size=8"]
+    assert run(stage1, run_dir, *base, *short) == 0
+    assert run(stage2, run_dir, *short) == 0
+    assert run(sample, run_dir, "sample.num=6", "sample.labels=square") == 0
+    with np.load(run_dir / "samples" / "samples.npz") as z:
+        assert z["labels"].tolist() == [1] * 6 and z["images"].shape == (6, 16, 16, 3)
+    assert json.loads((run_dir / "sampler" / "config.json").read_text())["class_names"] == ["circle", "square"]
+    assert Sampler.from_pretrained(run_dir / "sampler").generate_samples(2, labels="circle").labels.tolist() == [0, 0]
+
+
+def load_config_data(overrides):
+    from pipeline.config import load_config
+
+    return load_config("configs/smoke.yaml", overrides).data
+
+
+def test_data_stage_on_the_default_preset_and_preview_rows_by_class(tmp_path, capsys):
+    from PIL import Image
+
+    from stages import data as data_stage
+
+    assert run(data_stage, tmp_path / "run", "data.hflip=true") == 0
+    out = capsys.readouterr().out
+    assert "data: 540 train / 60 held-out images (a seeded 10% carve-out, data.split_seed=0), 16px x 1ch" in out
+    summary = json.loads((tmp_path / "run" / "data" / "summary.json").read_text())
+    assert summary["class_names"] == [str(i) for i in range(10)] and summary["augmentation"]["hflip"] is True
+    assert sum(summary["images"].values()) == 600 and summary["modes"] == {
+        "L": {"images": 5000, "conversion": "kept as is"}}
+    preview = Image.open(tmp_path / "run" / "data" / "preview.png")
+    assert preview.height > 20 * 16 * 2  # 10 classes x (prepared + augmented) rows of 16 px images at scale 2
+    assert "wrote" in out and "(images from the cache)" not in out
+    assert run(data_stage, tmp_path / "run", "data.hflip=true") == 0
+    assert "(images from the cache)" in capsys.readouterr().out
