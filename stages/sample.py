@@ -13,7 +13,7 @@ import numpy as np
 from pipeline.config import Config
 from pipeline.distributed import gather_rows, on_rank_zero, shard_indices
 from pipeline.fabric import make_fabric
-from pipeline.images import grid_image
+from pipeline.images import class_rows, grid_image, labelled_grid
 from pipeline.io import atomic_save_png, atomic_savez
 from pipeline.sampler import Samples
 from stages.cli import run_main, stage_parser
@@ -24,6 +24,15 @@ def sampling_settings(cfg: Config) -> dict:
     s = cfg.sample
     return {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "labels": s.labels,
             "guidance": s.guidance, "seed": s.seed}
+
+
+def sample_grid(samples: Samples, class_names: list[str] | None, grid_images: int):
+    """Rows by class name (the first grid_images / classes samples of each asked class) for class-conditional
+    samples; otherwise the first grid_images samples."""
+    if class_names and (samples.labels >= 0).any():
+        per_class = max(1, grid_images // len(class_names))
+        return labelled_grid(class_rows(samples.images, samples.labels, class_names, per_class), scale=2)
+    return grid_image(samples.images[:grid_images], scale=2)
 
 
 def run_sample(cfg: Config, run: RunFolder) -> Samples | None:
@@ -45,9 +54,7 @@ def run_sample(cfg: Config, run: RunFolder) -> Samples | None:
     def write() -> None:  # rank 0 only
         grid = None  # built before anything is written, so a failure leaves the previous files as they were
         if s.grid_images:
-            shown = samples.images[: s.grid_images]
-            order = np.argsort(samples.labels[: s.grid_images], kind="stable") if sampler.num_classes else None
-            grid = grid_image(shown if order is None else shown[order], scale=2)
+            grid = sample_grid(samples, sampler.class_names, s.grid_images)
         arrays = {f"codes_{n}": c for n, c in zip(sampler.level_names, samples.codes)}
         atomic_savez(run.samples_npz, images=samples.images, labels=samples.labels,
                      settings=np.asarray(json.dumps(settings)), **arrays)

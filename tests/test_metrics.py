@@ -347,3 +347,34 @@ def test_classifier_shift_augmentation_matches_a_loop():
     for i in range(5):
         assert torch.equal(out[i], padded[i, :, dy[i] : dy[i] + 6, dx[i] : dx[i] + 7])
     assert torch.equal(_shift(x, 0, g), x)
+
+
+def test_per_class_accuracy_counts_samples_recognised_as_asked():
+    from pipeline.metrics.report import per_class_accuracy, report_markdown  # noqa: F401
+
+    eye = np.eye(3)
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    logits = eye[[0, 1, 1, 1, 0, 0]]  # recognised: class 0 1/2, class 1 2/2, class 2 0/2
+    real_labels = np.array([0, 1, 2, 2])
+    real_logits = eye[[0, 1, 2, 1]]
+    out = per_class_accuracy(logits, labels, real_logits, real_labels, ["a", "b", "c"])
+    assert out["asked_class_accuracy"] == pytest.approx(0.5) and out["real_accuracy"] == pytest.approx(0.75)
+    assert [(r["class"], r["samples"], r["asked_class_accuracy"], r["real"], r["real_accuracy"])
+            for r in out["classes"]] == [("a", 2, 0.5, 1, 1.0), ("b", 2, 1.0, 1, 1.0), ("c", 2, 0.0, 2, 0.5)]
+    assert per_class_accuracy(logits, np.full(6, -1), real_logits, real_labels, ["a", "b", "c"]) is None
+    assert per_class_accuracy(None, labels, None, real_labels, ["a", "b", "c"]) is None
+    none_asked = per_class_accuracy(logits[:2], labels[:2], real_logits, real_labels, ["a", "b", "c"])
+    assert none_asked["classes"][2]["samples"] == 0 and none_asked["classes"][2]["asked_class_accuracy"] is None
+
+
+def test_labelled_grid_has_a_row_per_class_with_its_name():
+    from pipeline.images import class_rows, labelled_grid
+
+    pixels = np.zeros((6, 3, 8, 8), np.uint8)
+    pixels[:, 0] = 255  # red images
+    rows = class_rows(pixels, np.array([2, 0, 2, 0, 2, 1]), ["zero", "one", "two", "none"], per_class=2)
+    assert [(name, len(p)) for name, p in rows] == [("zero", 2), ("one", 1), ("two", 2)]
+    img = np.asarray(labelled_grid(rows, scale=1))
+    assert img.shape[0] == 3 * (2 + 8 + 2)  # three strips: a 2-px gap above and below each row
+    left = img[:, : img.shape[1] - (2 * (8 + 2) + 2)]  # the name column
+    assert (left < 128).any() and not ((left[..., 0] > 200) & (left[..., 1] < 50)).any()  # black text, no image

@@ -28,6 +28,28 @@ def quality(ref: np.ndarray, other: np.ndarray, logits: np.ndarray | None, k: in
     return out
 
 
+def per_class_accuracy(logits: np.ndarray | None, labels: np.ndarray, real_logits: np.ndarray | None,
+                       real_labels: np.ndarray, class_names: list[str] | None) -> dict[str, Any] | None:
+    """The share of class-conditional samples the domain classifier assigns to the asked class, per class and in
+    all, beside the same share for real held-out images of each class (its floor). None when the samples are
+    unconditional or the extractor has no classifier head."""
+    if not class_names or logits is None or real_logits is None or not (labels >= 0).any():
+        return None
+
+    def share(lg: np.ndarray, lab: np.ndarray) -> tuple[float | None, int]:
+        hit = lg.argmax(1) == lab
+        return (float(hit.mean()) if len(hit) else None), int(len(hit))
+
+    rows = []
+    for i, name in enumerate(class_names):
+        acc, n = share(logits[labels == i], labels[labels == i])
+        real, n_real = share(real_logits[real_labels == i], real_labels[real_labels == i])
+        rows.append({"class": name, "samples": n, "asked_class_accuracy": acc, "real": n_real, "real_accuracy": real})
+    asked = labels >= 0
+    return {"asked_class_accuracy": share(logits[asked], labels[asked])[0],
+            "real_accuracy": share(real_logits, real_labels)[0], "classes": rows}
+
+
 def usage_plot(path: Path, histograms: dict[str, np.ndarray]) -> None:
     import matplotlib
 
@@ -109,7 +131,17 @@ def summary_table(report: dict) -> str:
                  + ", ".join(f"{n} {v['usage']:.0%} used (perplexity {v['perplexity']:.0f})"
                              for n, v in report["codebook"].items()))
     lines.append("prior NLL (bits/code): " + ", ".join(f"{k} {v:.3f}" for k, v in report["prior_nll_bits"].items()))
+    per = report.get("per_class")
+    if per:
+        lines.append(f"asked class recognised: {per['asked_class_accuracy']:.1%} of samples (real held-out "
+                     f"{per['real_accuracy']:.1%}); per class: " + ", ".join(
+                         f"{r['class']} {_pct(r['asked_class_accuracy'])}/{_pct(r['real_accuracy'])}"
+                         for r in per["classes"]))
     return "\n".join(lines)
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0%}"
 
 
 def report_markdown(report: dict, title: str, pictures: dict[str, str]) -> str:
@@ -140,6 +172,15 @@ def report_markdown(report: dict, title: str, pictures: dict[str, str]) -> str:
     for k, v in shuffled.items():
         lines.append(f"\nNLL of the {k.split('_shuffled_')[0]} prior with the {k.split('_shuffled_')[1]} codes "
                      f"shuffled across images: {v:.3f} bits/code (conditioning is used when this is higher).")
+    per = report.get("per_class")
+    if per:
+        lines += ["", "## Per class", "",
+                  f"The share of samples the domain classifier assigns to the class they were asked for: "
+                  f"{per['asked_class_accuracy']:.1%} in all, against {per['real_accuracy']:.1%} of the real "
+                  "held-out images it classifies correctly (the floor).", "",
+                  "| class | samples | recognised as asked | real held-out | recognised |", "|---|---|---|---|---|"]
+        lines += [f"| {r['class']} | {r['samples']} | {_pct(r['asked_class_accuracy'])} | {r['real']} | "
+                  f"{_pct(r['real_accuracy'])} |" for r in per["classes"]]
     s = report["sampling"]
     lines += ["", "## Sampling settings", "", ", ".join(f"{k} = {v}" for k, v in s.items()), "",
               "## Pictures", "", "Samples:", "", f"![samples]({pictures['samples']})", "",
