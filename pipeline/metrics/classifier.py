@@ -47,9 +47,10 @@ class DomainClassifier(nn.Module):
 
 
 def _shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
-    """Random translations by up to ``max_shift`` pixels (pad with the background value -1, crop)."""
+    """Random translations by up to ``max_shift`` pixels (pad by repeating the border, the background of digits
+    and of icons on white alike, then crop)."""
     b, _, h, w = x.shape
-    padded = F.pad(x, (max_shift,) * 4, value=-1.0)
+    padded = F.pad(x, (max_shift,) * 4, mode="replicate")
     dx = torch.randint(0, 2 * max_shift + 1, (b,), generator=generator)
     dy = torch.randint(0, 2 * max_shift + 1, (b,), generator=generator)
     rows = (dy[:, None] + torch.arange(h))[:, None, :, None]  # (B, 1, H, 1)
