@@ -4,8 +4,9 @@ Each emoji with a Google image becomes ``OUT_DIR/<category>/<short_name>.png``: 
 byte for byte (RGBA, grey+alpha or palette with transparency; the project's loader composites the alpha itself).
 The category folder is a lowercase slug of the emoji's category ("Smileys & Emotion" -> ``smileys_emotion``);
 categories with fewer than ``--min-per-class`` images (e.g. "Component", the five skin-tone swatches) are skipped,
-so every class has enough images to train and evaluate on. ``--skin-tones`` adds the skin-tone variations as
-``<short_name>_<skin tone code points>.png``.
+so every class has enough images to train and evaluate on. Images whose pixels equal an earlier one's (the
+package draws some emoji twice under other names) are dropped unless ``--keep-duplicates``. ``--skin-tones``
+adds the skin-tone variations as ``<short_name>_<skin tone code points>.png``.
 
 The package is fetched with npm (``npm pack``) into ``OUT_DIR/.npm-package/`` (hidden, so the folder loader
 ignores it) and reused on later runs without network; ``--package-dir`` points at an already extracted package
@@ -23,6 +24,7 @@ Then train on it with ``data.source: folder`` and ``data.path: data/emoji`` in a
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -205,6 +207,26 @@ def entry_images(entry: dict, skin_tones: bool) -> list[Emoji]:
     return images
 
 
+def drop_duplicates(images: list[Emoji], image_dir: Path) -> tuple[list[Emoji], list[str]]:
+    """The images whose pixels no earlier image has, and the names of those dropped: the package draws some emoji
+    twice under other names (``family`` and ``man-man-boy``, flags of territories that share a flag), which a
+    random train/held-out split would put on both sides."""
+    from PIL import Image
+
+    seen: set[bytes] = set()
+    kept, dropped = [], []
+    for image in images:
+        with Image.open(image_dir / image.source) as img:
+            rgba = img.convert("RGBA")
+            key = hashlib.sha256(rgba.tobytes() + repr(rgba.size).encode()).digest()
+        if key in seen:
+            dropped.append(image.name)
+        else:
+            seen.add(key)
+            kept.append(image)
+    return kept, dropped
+
+
 def split_classes(images: list[Emoji], min_per_class: int) -> tuple[dict[str, list[Emoji]], dict[str, int]]:
     """Images by category, and the categories with fewer than ``min_per_class`` images (with their counts)."""
     by_category: dict[str, list[Emoji]] = {}
@@ -303,7 +325,10 @@ def build(args: argparse.Namespace) -> dict:
     out_dir = Path(args.out_dir)
     root = Path(args.package_dir) if args.package_dir else fetch_package(out_dir, args.version)
     entries, version = read_package(root)
-    classes, skipped = split_classes(select_images(entries, args.skin_tones), args.min_per_class)
+    images, duplicates = select_images(entries, args.skin_tones), []
+    if not args.keep_duplicates:
+        images, duplicates = drop_duplicates(images, root / IMAGE_DIR)
+    classes, skipped = split_classes(images, args.min_per_class)
     if not classes:
         raise ScriptError(f"no category has {args.min_per_class} or more images in {root / 'emoji.json'}; "
                           "lower --min-per-class")
@@ -315,8 +340,9 @@ def build(args: argparse.Namespace) -> dict:
     counts = {slugs[c]: len(imgs) for c, imgs in sorted(classes.items(), key=lambda kv: slugs[kv[0]])}
     summary = {"package": PACKAGE, "version": version or args.version, "image_size": 64,
                "skin_tones": args.skin_tones, "min_per_class": args.min_per_class, "classes": counts,
-               "total": len(files), "skipped_categories": dict(sorted(skipped.items())), "categories": slugs,
-               "written": written, "removed": removed, "files": sorted(files)}
+               "total": len(files), "skipped_categories": dict(sorted(skipped.items())),
+               "duplicates_dropped": duplicates, "categories": slugs, "written": written, "removed": removed,
+               "files": sorted(files)}
     write_manifest(out_dir, summary)
     return summary
 
@@ -333,6 +359,9 @@ def print_summary(out_dir: str, summary: dict) -> None:
     if summary["skipped_categories"]:
         skipped = ", ".join(f"{c} ({n})" for c, n in summary["skipped_categories"].items())
         print(f"  skipped, fewer than {summary['min_per_class']} images: {skipped}")
+    if summary["duplicates_dropped"]:
+        print(f"  dropped {len(summary['duplicates_dropped'])} duplicate(s) of earlier images "
+              f"({', '.join(summary['duplicates_dropped'][:4])}, ...)")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -343,6 +372,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              f"default: fetch it with npm into OUT_DIR/{CACHE_DIR}/")
     parser.add_argument("--version", default=DEFAULT_VERSION, help="package version to fetch (default %(default)s)")
     parser.add_argument("--skin-tones", action="store_true", help="also write the skin-tone variations")
+    parser.add_argument("--keep-duplicates", action="store_true",
+                        help="keep emoji whose pixels equal an earlier one's (dropped by default)")
     parser.add_argument("--min-per-class", type=int, default=MIN_PER_CLASS, metavar="N",
                         help="skip categories with fewer images (default %(default)s)")
     return parser.parse_args(argv)

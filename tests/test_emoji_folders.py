@@ -207,3 +207,21 @@ def test_npm_failure_is_one_line(tmp_path, monkeypatch, capsys):
     assert err.startswith("error: npm pack emoji-datasource-google@9 failed (notarget No matching version")
     assert len(err.strip().splitlines()) == 1 and "--package-dir" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_duplicate_pixels_are_dropped_unless_kept(tmp_path, package, capsys):
+    """An emoji drawn again under another name (here "hi" re-saves wave's pixels in another PNG encoding) is
+    dropped: a random split would otherwise hold out an image that training also sees."""
+    from PIL import Image
+
+    entries = json.loads((package / "emoji.json").read_text())
+    entries.append(_entry("hi", "hi.png", "People & Body"))
+    (package / "emoji.json").write_text(json.dumps(entries))
+    img_dir = package / "img" / "google" / "64"
+    Image.open(img_dir / "1f44b.png").save(img_dir / "hi.png", optimize=True, compress_level=1)
+    assert (img_dir / "hi.png").read_bytes() != (img_dir / "1f44b.png").read_bytes()
+    assert _run(tmp_path / "out", package) == 0
+    assert "people_body/hi.png" not in _files(tmp_path / "out") and "people_body/wave.png" in _files(tmp_path / "out")
+    assert "dropped 1 duplicate(s) of earlier images (hi, ...)" in capsys.readouterr().out
+    assert _run(tmp_path / "kept", package, "--keep-duplicates") == 0
+    assert "people_body/hi.png" in _files(tmp_path / "kept")
