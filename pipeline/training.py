@@ -298,6 +298,7 @@ def _validate(loop: _Loop, bar, step: int) -> None:
     if task.best_metric and value is not None and value < state["best"]:
         state["best"] = value
         loop.save(loop.out_dir / BEST_CKPT)
+    bar.unpause()  # the bar's rate and ETA count training steps, not this pause (the ETA read 1:23:27 after one)
 
 
 def fit(fabric, task: Task, tcfg: TrainConfig, out_dir: Path, fresh: bool = False, desc: str = "train") -> dict:
