@@ -214,6 +214,7 @@ class EvaluateConfig:
     classifier_steps: int = 800  # training steps of the domain classifier
     classifier_batch_size: int = 128  # its batch size
     batch_size: int = 250  # feature extraction batch
+    bootstrap: int = 100  # resamplings for the 95% intervals of FID, precision and recall (0 = none)
 
 
 @dataclass
@@ -548,6 +549,7 @@ def validate(cfg: Config) -> None:
     e = cfg.evaluate
     _check_choice("evaluate.extractor", e.extractor, ("domain", "inception"))
     _check(e.k >= 1, "evaluate.k", e.k, "must be >= 1")
+    _check(e.bootstrap >= 0, "evaluate.bootstrap", e.bootstrap, "must be >= 0 (0 = no intervals)")
     _check(e.num_real >= 0, "evaluate.num_real", e.num_real, "must be >= 0 (0 = all held-out)")
     _check(e.classifier_steps >= 1, "evaluate.classifier_steps", e.classifier_steps, "must be >= 1")
     w = cfg.sweep

@@ -84,12 +84,13 @@ def run_evaluate(cfg: Config, run: RunFolder) -> dict | None:
         stats = recon_stats.metrics
         settings = json.loads(str(samples["settings"])) if "settings" in samples else {}
         report: dict[str, Any] = {
-            **quality(f_ref, f_fake, l_fake, e.k),
+            **quality(f_ref, f_fake, l_fake, e.k, e.bootstrap),
             "num_samples": int(n),
             "feature_extractor": extractor.name,
             **extractor_info,
             "k": e.k,
-            "real_floor": quality(f_ref, f_held, l_held, e.k),
+            "bootstrap_rounds": e.bootstrap,
+            "real_floor": quality(f_ref, f_held, l_held, e.k, e.bootstrap),
             "recon": {"mse": stats["mse"], "psnr": stats["psnr"], "rfid": fid_from_features(f_held, f_rec)},
             "codebook": {name: {"usage": stats[f"usage_{name}"], "perplexity": stats[f"perplexity_{name}"]}
                          for name in names},

@@ -13,12 +13,12 @@ import torch
 
 from pipeline.config import Config
 from pipeline.data import load_image_data, seeded_subset
-from pipeline.distributed import on_rank_zero, rank_zero_first, shard_indices
+from pipeline.distributed import gather_rows, on_rank_zero, rank_zero_first, shard_indices
 from pipeline.fabric import make_fabric
 from pipeline.io import atomic_write_text
 from pipeline.metrics import fid_from_features, precision_recall
 from pipeline.metrics.extract import features_of, make_extractor
-from pipeline.metrics.report import sweep_plot
+from pipeline.metrics.report import per_class_accuracy, sweep_plot
 from stages.cli import run_main, stage_parser
 from stages.runfolder import RunFolder, build_sampler
 
@@ -43,23 +43,30 @@ def run_sweep(cfg: Config, run: RunFolder) -> list[dict] | None:
     e, s = cfg.evaluate, cfg.sample
     n = min(cfg.sweep.num, len(data.train), len(data.holdout))
     f_ref, _ = features_of(fabric, extractor, seeded_subset(data.train, n, seed=0), n, e.batch_size, "reference")
-    f_held, _ = features_of(fabric, extractor, data.holdout.all_pixels(n), n, e.batch_size, "held-out")
+    f_held, l_held = features_of(fabric, extractor, data.holdout.all_pixels(n), n, e.batch_size, "held-out")
+    held_labels = data.holdout.labels[:n].numpy()
     results = []
     for setting in sweep_settings(cfg):
         indices = shard_indices(n, fabric.global_rank, fabric.world_size)
         part = sampler.generate_samples(len(indices), setting["temperature"], setting["top_k"], setting["top_p"],
                                         s.labels, s.guidance, s.seed, s.batch_size, indices=indices)
         pixels = torch.from_numpy(part.images).permute(0, 3, 1, 2)  # this rank's (n_rank, H, W, C) -> NCHW
-        f_fake, _ = features_of(fabric, extractor, pixels, n, e.batch_size, "samples", sharded=True)
+        f_fake, l_fake = features_of(fabric, extractor, pixels, n, e.batch_size, "samples", sharded=True)
+        labels = gather_rows(fabric, [part.labels], n)  # every rank takes part; rank 0 gets them in order
         if fabric.global_rank == 0:
             r = {**setting, "vary": "temperature" if setting["top_p"] == 1.0 else "top_p",
                  "fid": fid_from_features(f_ref, f_fake), **precision_recall(f_ref, f_fake, k=e.k)}
+            per = per_class_accuracy(l_fake, labels[0], l_held, held_labels, data.class_names)
+            r["asked_class_accuracy"] = per["asked_class_accuracy"] if per else None
             results.append(r)
+            asked = f", asked class {per['asked_class_accuracy']:.1%}" if per else ""
             fabric.print(f"sweep: T={r['temperature']:g} top_p={r['top_p']:g}: FID {r['fid']:.3g}, precision "
-                         f"{r['precision']:.3f}, recall {r['recall']:.3f}")
+                         f"{r['precision']:.3f}, recall {r['recall']:.3f}{asked}")
 
     def write() -> list[dict]:  # rank 0 only
         floor = {"fid": fid_from_features(f_ref, f_held), **precision_recall(f_ref, f_held, k=e.k)}
+        held_share = per_class_accuracy(l_held, held_labels, l_held, held_labels, data.class_names)
+        floor["asked_class_accuracy"] = held_share["real_accuracy"] if held_share else None
         atomic_write_text(run.sweep_json, json.dumps({"num": n, "k": e.k, "real_floor": floor, "results": results},
                                                      indent=1))
         sweep_plot(run.sweep_png, results, floor)

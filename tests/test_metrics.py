@@ -378,3 +378,48 @@ def test_labelled_grid_has_a_row_per_class_with_its_name():
     assert img.shape[0] == 3 * (2 + 8 + 2)  # three strips: a 2-px gap above and below each row
     left = img[:, : img.shape[1] - (2 * (8 + 2) + 2)]  # the name column
     assert (left < 128).any() and not ((left[..., 0] > 200) & (left[..., 1] < 50)).any()  # black text, no image
+
+
+def test_kid_matches_the_unbiased_mmd_of_the_cubic_kernel():
+    from pipeline.metrics.uncertainty import kid_from_features
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(60, 5)), rng.normal(0.5, 1.0, size=(60, 5))
+
+    def mmd2(a, b):  # Binkowski et al. 2018: k(a, b) = (a.b / d + 1)^3, unbiased estimate
+        k = lambda p, q: (p @ q.T / a.shape[1] + 1) ** 3
+        m = len(a)
+        kaa, kbb = k(a, a), k(b, b)
+        return ((kaa.sum() - np.trace(kaa)) + (kbb.sum() - np.trace(kbb))) / (m * (m - 1)) - 2 * k(a, b).mean()
+
+    one = kid_from_features(x, y, subsets=1, subset_size=60)  # the one subset is all rows: no randomness
+    assert one["mean"] == pytest.approx(mmd2(x, y), rel=1e-9)
+    same = kid_from_features(x, rng.normal(size=(60, 5)), subsets=50, subset_size=40)
+    far = kid_from_features(x, y, subsets=50, subset_size=40)
+    assert abs(same["mean"]) < 3 * same["std"] and far["mean"] > 2 * far["std"] > 0
+    assert far["mean"] > 10 * abs(same["mean"])
+    assert kid_from_features(x, y, subsets=50, subset_size=40, seed=1) != far  # the subsets follow the seed
+    assert kid_from_features(x, y, subsets=50, subset_size=40) == far
+
+
+def test_bootstrap_intervals_cover_the_estimate_and_have_the_binomial_width():
+    from pipeline.metrics.uncertainty import bootstrap_fid, bootstrap_share
+
+    rng = np.random.default_rng(0)
+    real, fake = rng.normal(size=(400, 4)), rng.normal(0.3, 1.0, size=(400, 4))
+    lo, hi = bootstrap_fid(real, fake, rounds=60)
+    assert lo < fid_from_features(real, fake) < hi and hi - lo < 0.5
+    assert bootstrap_fid(real, fake, rounds=60) == [lo, hi]  # seeded
+    hits = np.arange(2000) % 10 < 3  # 30% of 2,000
+    lo, hi = bootstrap_share(hits, rounds=4000)
+    half = 1.96 * (0.3 * 0.7 / 2000) ** 0.5  # the normal approximation's half-width, 0.020
+    assert lo == pytest.approx(0.3 - half, abs=0.004) and hi == pytest.approx(0.3 + half, abs=0.004)
+
+
+def test_precision_recall_points_are_the_indicators_behind_the_shares():
+    rng = np.random.default_rng(1)
+    real, fake = rng.normal(size=(80, 3)), rng.normal(0.4, 1.2, size=(70, 3))
+    out = precision_recall(real, fake, k=3, points=True)
+    assert out["precise"].shape == (70,) and out["recalled"].shape == (80,)
+    assert out["precision"] == out["precise"].mean() and out["recall"] == out["recalled"].mean()
+    assert precision_recall(real, fake, k=3) == {k: out[k] for k in ("precision", "recall", "density", "coverage")}

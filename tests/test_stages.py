@@ -141,6 +141,16 @@ def test_evaluate_report(smoke_run):
     assert set(report["recon"]) == {"mse", "psnr", "rfid"}
     assert set(report["prior_nll_bits"]) >= {"top", "bottom"}
     assert 0 <= report["precision"] <= 1 and report["real_floor"]["fid"] >= 0
+    for side in (report, report["real_floor"]):
+        assert side["kid"]["std"] >= 0 and set(side["interval"]) == {"fid", "precision", "recall"}
+        lo, hi = side["interval"]["fid"]
+        assert lo <= hi and lo <= side["fid"] * 1.5  # the bootstrap's spread sits around the estimate
+    per = report["per_class"]
+    assert [r["class"] for r in per["classes"]] == [str(i) for i in range(10)]
+    assert sum(r["samples"] for r in per["classes"]) == report["num_samples"]
+    assert 0 <= per["asked_class_accuracy"] <= 1 and 0 <= per["real_accuracy"] <= 1
+    md = (smoke_run / "eval" / "report.md").read_text()
+    assert "| kid |" in md and "## Per class" in md and "95% bootstrap intervals" in md
     for name in ("report.md", "reconstructions.png", "codebook_usage.png", "classifier.ckpt"):
         assert (smoke_run / "eval" / name).is_file()
 
@@ -154,7 +164,8 @@ def test_sweep_plots_precision_against_recall(smoke_run):
     assert settings == [(0.8, 1.0), (1.0, 1.0), (1.0, 0.9)]  # smoke: temperatures [0.8, 1.0], top_p [0.9]
     for r in data["results"]:
         assert 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 and r["fid"] >= 0
-    assert set(data["real_floor"]) >= {"fid", "precision", "recall"}
+        assert 0 <= r["asked_class_accuracy"] <= 1  # the smoke prior is class-conditional
+    assert set(data["real_floor"]) >= {"fid", "precision", "recall", "asked_class_accuracy"}
     assert (smoke_run / "eval" / "sweep.png").stat().st_size > 1000
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -144,7 +145,8 @@ def precision_recall(
     k: int = 3,
     chunk_size: int | None = None,
     device: torch.device | str | None = None,
-) -> dict[str, float]:
+    points: bool = False,
+) -> dict[str, Any]:
     """Precision and recall (Kynkaanniemi et al. 2019) and density and coverage (Naeem et al. 2020).
 
     Args:
@@ -157,7 +159,9 @@ def precision_recall(
         device: where to compute (CPU or CUDA); default: the device of ``real_features`` (CPU for numpy).
 
     Returns:
-        ``{"precision", "recall", "density", "coverage"}`` as Python floats. Density can exceed 1.
+        ``{"precision", "recall", "density", "coverage"}`` as Python floats. Density can exceed 1. With
+        ``points``, also ``"precise"`` (M,) and ``"recalled"`` (N,) boolean numpy arrays: which fakes lie in
+        some real ball and which reals in some fake ball (precision and recall are their means).
 
     Distances are computed as squared Euclidean distances ``|x|^2 + |y|^2 - 2 x.y`` (matmul, TF32 disabled
     on CUDA), in float64 when either input is float64 and in float32 otherwise (integer, half and bfloat16
@@ -180,7 +184,7 @@ def precision_recall(
         real_r2 = _kth_nn_sq_radii(real, real_sq, k, min(chunk, max(256, -(-n // 16))))  # (N,) radii r_i^2
         fake_r2 = _kth_nn_sq_radii(fake, fake_sq, k, min(chunk, max(256, -(-m // 16))))  # (M,) radii s_j^2
 
-        precise_fakes = torch.zeros((), dtype=torch.int64, device=device)  # #j with Y_j in some real ball
+        precise = torch.zeros(m, dtype=torch.bool, device=device)  # Y_j in some real ball
         density_count = torch.zeros((), dtype=torch.int64, device=device)  # #(j, i) with Y_j in ball of X_i
         recalled = torch.zeros(n, dtype=torch.bool, device=device)  # X_i in the ball of some Y_j so far
         nn_fake_d2 = torch.full((n,), float("inf"), dtype=dtype, device=device)  # min_j d(X_i, Y_j)^2 so far
@@ -188,16 +192,19 @@ def precision_recall(
             stop = min(start + chunk, m)
             d2 = _sq_dists(fake[start:stop], fake_sq[start:stop], real, real_sq)  # (c, N): d(Y_j, X_i)^2
             in_real_ball = d2 <= real_r2[None, :]  # (c, N); real_r2: (N,) -> (1, N)
-            precise_fakes += in_real_ball.any(dim=1).sum()
+            precise[start:stop] = in_real_ball.any(dim=1)
             density_count += in_real_ball.sum()
             del in_real_ball
             recalled |= (d2 <= fake_r2[start:stop, None]).any(dim=0)  # fake radii (c,) -> (c, 1)
             torch.minimum(nn_fake_d2, d2.min(dim=0).values, out=nn_fake_d2)
         covered = (nn_fake_d2 <= real_r2).sum()
 
-    return {
-        "precision": int(precise_fakes) / m,
+    out: dict[str, Any] = {
+        "precision": int(precise.sum()) / m,
         "recall": int(recalled.sum()) / n,
         "density": int(density_count) / (k * m),
         "coverage": int(covered) / n,
     }
+    if points:
+        out.update(precise=precise.cpu().numpy(), recalled=recalled.cpu().numpy())
+    return out

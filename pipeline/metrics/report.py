@@ -13,13 +13,24 @@ import numpy as np
 from pipeline.io import atomic_write_bytes
 from pipeline.metrics.fid import fid_from_features, inception_score_from_logits
 from pipeline.metrics.prdc import precision_recall
+from pipeline.metrics.uncertainty import bootstrap_fid, bootstrap_share, kid_from_features
 
 METRIC_KEYS = ("precision", "recall", "density", "coverage")
+SHOWN_KEYS = ("fid", "kid", "inception_score", *METRIC_KEYS)  # the rows of the report's table
 
 
-def quality(ref: np.ndarray, other: np.ndarray, logits: np.ndarray | None, k: int) -> dict[str, Any]:
-    out: dict[str, Any] = {"fid": fid_from_features(ref, other)}
-    out.update(precision_recall(ref, other, k=k))
+def quality(ref: np.ndarray, other: np.ndarray, logits: np.ndarray | None, k: int, rounds: int = 0,
+            seed: int = 0) -> dict[str, Any]:
+    """FID, KID (mean and std over subsets), precision/recall/density/coverage and the Inception Score of
+    ``other`` against ``ref``; with ``rounds`` > 0, 95% bootstrap intervals of FID, precision and recall."""
+    out: dict[str, Any] = {"fid": fid_from_features(ref, other), "kid": kid_from_features(ref, other, seed=seed)}
+    prdc = precision_recall(ref, other, k=k, points=True)
+    precise, recalled = prdc.pop("precise"), prdc.pop("recalled")
+    out.update(prdc)
+    if rounds:
+        out["interval"] = {"fid": bootstrap_fid(ref, other, rounds, seed),
+                           "precision": bootstrap_share(precise, 10 * rounds, seed),
+                           "recall": bootstrap_share(recalled, 10 * rounds, seed)}
     if logits is not None:
         mean, std = inception_score_from_logits(logits, splits=10 if len(logits) >= 100 else 1)
         out["inception_score"] = {"mean": mean, "std": std}
@@ -110,9 +121,15 @@ def sweep_plot(path: Path, results: list[dict], floor: dict) -> None:
     save_figure(fig, path)
 
 
+def _cell(side: dict, key: str) -> str:
+    """A metric of one side of the report, with its bootstrap interval when there is one."""
+    interval = side.get("interval", {}).get(key)
+    return _fmt(side[key]) + (f" [{interval[0]:.4g}, {interval[1]:.4g}]" if interval else "")
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, dict) and "mean" in v:
-        return f"{v['mean']:.3f} ± {v['std']:.3f}"
+        return f"{v['mean']:.4g} ± {v['std']:.2g}"
     if isinstance(v, float):
         return f"{v:.4g}" if math.isfinite(v) else str(v)
     if isinstance(v, str) and v.startswith("unavailable"):
@@ -122,8 +139,8 @@ def _fmt(v: Any) -> str:
 
 def summary_table(report: dict) -> str:
     rows = [("metric", "samples", "real floor")]
-    for key in ("fid", "inception_score", *METRIC_KEYS):
-        rows.append((key, _fmt(report[key]), _fmt(report["real_floor"][key])))
+    for key in SHOWN_KEYS:
+        rows.append((key, _cell(report, key), _cell(report["real_floor"], key)))
     width = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, width)) for r in rows]
     recon = report["recon"]
@@ -155,13 +172,16 @@ def report_markdown(report: dict, title: str, pictures: dict[str, str]) -> str:
         + (f" (held-out accuracy {report['classifier_heldout_accuracy']:.2%})"
            if "classifier_heldout_accuracy" in report else "")
         + f"; k = {report['k']} for precision/recall/density/coverage. The real floor is the same metrics for "
-        f"{report['num_samples']} real held-out images against the same reference.",
+        f"{report['num_samples']} real held-out images against the same reference. KID is the mean ± standard "
+        "deviation over 100 random subsets; [brackets] are 95% bootstrap intervals "
+        f"({report.get('bootstrap_rounds', 0)} resamplings of both sets for FID, of the per-image in/out "
+        "indicators for precision and recall).",
         "",
         "| metric | samples | real floor |",
         "|---|---|---|",
     ]
-    for key in ("fid", "inception_score", *METRIC_KEYS):
-        lines.append(f"| {key} | {_fmt(report[key])} | {_fmt(report['real_floor'][key])} |")
+    for key in SHOWN_KEYS:
+        lines.append(f"| {key} | {_cell(report, key)} | {_cell(report['real_floor'], key)} |")
     recon = report["recon"]
     lines += ["", "## Reconstruction and codebooks", "",
               f"Held-out MSE {recon['mse']:.4g} (on [-1, 1]), PSNR {recon['psnr']:.2f} dB, rFID {recon['rfid']:.4g}.",

@@ -1,0 +1,72 @@
+"""How sure a sample-quality number is: KID with its spread (unbiased at small N), and bootstrap intervals for
+FID, precision and recall.
+
+References:
+    M. Binkowski, D. J. Sutherland, M. Arbel, A. Gretton. "Demystifying MMD GANs", ICLR 2018, arXiv:1801.01401
+    (KID: the unbiased squared MMD with the cubic polynomial kernel, averaged over random subsets).
+    B. Efron, R. Tibshirani. "An Introduction to the Bootstrap", 1993 (percentile intervals).
+
+KID goes through torchmetrics' ``KernelInceptionDistance`` with the same identity feature module as FID
+(``pipeline.metrics.fid``); its subsets are drawn from the global torch generator, so the draw is made
+inside a forked RNG seeded by ``seed``: reproducible, and the caller's stream is untouched.
+
+The FID interval resamples both feature sets with replacement and recomputes FID (means and covariances do
+not mind repeated rows). Precision and recall are shares of points inside the other set's k-NN balls; their
+intervals resample those per-point indicators with the balls held fixed, since repeated rows would shrink
+a k-NN radius to zero and so bias the balls themselves.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+from pipeline.metrics.fid import _as_float64, _PrecomputedFeatures, fid_from_features
+
+__all__ = ["bootstrap_fid", "bootstrap_share", "kid_from_features"]
+
+
+@torch.no_grad()
+def kid_from_features(real, fake, subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> dict[str, float]:
+    """KID (mean and standard deviation over ``subsets`` random subsets of ``min(subset_size, N, M)`` rows) of
+    two (N, D) and (M, D) feature sets, as torchmetrics computes it (polynomial kernel, degree 3)."""
+    real = _as_float64("real", real, min_rows=2)
+    fake = _as_float64("fake", fake, min_rows=2)
+    size = int(min(subset_size, len(real), len(fake)))
+    from torchmetrics.image.kid import KernelInceptionDistance  # lazy: heavy import, only needed here
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Metric `Kernel Inception Distance` will save all extracted")
+        metric = KernelInceptionDistance(feature=_PrecomputedFeatures(real.shape[1]), subsets=subsets,
+                                         subset_size=size, normalize=False, sync_on_compute=False)
+    metric.update(real, real=True)
+    metric.update(fake, real=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # compute() draws each subset with torch.randperm on the CPU generator
+        mean, std = metric.compute()
+    return {"mean": float(mean), "std": float(std)}
+
+
+def _interval(values: np.ndarray, level: float) -> list[float]:
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(values, [tail, 100 - tail])
+    return [float(lo), float(hi)]
+
+
+def bootstrap_fid(real, fake, rounds: int = 100, seed: int = 0, level: float = 0.95) -> list[float]:
+    """The ``level`` percentile interval of FID over ``rounds`` resamplings (with replacement) of both sets."""
+    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    rng = np.random.default_rng(seed)
+    values = [fid_from_features(real[rng.integers(0, len(real), len(real))],
+                                fake[rng.integers(0, len(fake), len(fake))]) for _ in range(rounds)]
+    return _interval(np.asarray(values), level)
+
+
+def bootstrap_share(hits: np.ndarray, rounds: int = 1000, seed: int = 0, level: float = 0.95) -> list[float]:
+    """The ``level`` percentile interval of the share of True in ``hits`` over ``rounds`` resamplings."""
+    hits = np.asarray(hits, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = hits[rng.integers(0, len(hits), (rounds, len(hits)))].mean(axis=1)  # (rounds,)
+    return _interval(means, level)
