@@ -176,6 +176,13 @@ def _made(path: Path) -> Path:
     return Path(path)
 
 
+def real_provenance(cfg: DataConfig, split: str, seed: int = 0) -> dict[str, Any]:
+    """What picks a set of real images: the prepared data (its signature), how it is split, which split, and the
+    seed of the subset; the key of cached reference features."""
+    return {"data": signature(cfg), "split": split, "seed": seed, "holdout_split": cfg.holdout_split,
+            "holdout_fraction": cfg.holdout_fraction, "split_seed": cfg.split_seed, "max_images": cfg.max_images}
+
+
 def data_summary(data: ImageData, cfg: DataConfig) -> dict[str, Any]:
     """What the data is, as JSON: images per split and class, class names, the modes found and what decoding did to
     each, skipped files with reasons, and where the held-out images come from."""

@@ -19,13 +19,13 @@ import torch
 
 from pipeline.codes import CodeSet
 from pipeline.config import Config
-from pipeline.data import load_image_data, seeded_subset, to_float, to_uint8
+from pipeline.data import load_image_data, real_provenance, seeded_subset, to_float, to_uint8
 from pipeline.distributed import on_rank_zero, rank_zero_first
 from pipeline.fabric import make_fabric
 from pipeline.images import save_grid
 from pipeline.io import UserError, atomic_write_text
 from pipeline.metrics import fid_from_features
-from pipeline.metrics.extract import features_of, make_extractor
+from pipeline.metrics.extract import features_of, make_extractor, reference_features
 from pipeline.metrics.reconstruction import reconstruction_stats
 from pipeline.metrics.report import per_class_accuracy, quality, report_markdown, summary_table, usage_plot
 from pipeline.priors.likelihood import heldout_nll_bits
@@ -66,10 +66,12 @@ def run_evaluate(cfg: Config, run: RunFolder) -> dict | None:
         raise UserError(f"only {n} images to compare (samples {len(fake)}, held-out {len(data.holdout)}); "
                         f"need more than evaluate.k={e.k}")
     held, held_labels = data.holdout.all_pixels(n), data.holdout.labels[:n].numpy()
-    f_ref, _ = features_of(fabric, extractor, seeded_subset(data.train, n, seed=0), n, e.batch_size,
-                           "features: train reference")
+    ref_cache, d = run.reference_cache, cfg1.data
+    f_ref, _ = reference_features(fabric, extractor, lambda: seeded_subset(data.train, n, seed=0), n, e.batch_size,
+                                  ref_cache, real_provenance(d, "train"), "features: train reference")
     f_fake, l_fake = features_of(fabric, extractor, fake[:n], n, e.batch_size, "features: samples")
-    f_held, l_held = features_of(fabric, extractor, held, n, e.batch_size, "features: held-out")
+    f_held, l_held = reference_features(fabric, extractor, lambda: held, n, e.batch_size, ref_cache,
+                                        real_provenance(d, "holdout"), "features: held-out")
 
     # reconstructions (rFID: held-out originals vs their reconstructions), codebooks, priors
     vqvae = vqvae.to(fabric.device)

@@ -12,7 +12,7 @@ No other module builds a run-folder path.
       samples/                     samples.npz, grid.png
       sampler/                     config.json, model.safetensors, README.md
       eval/                        report.json, report.md, reconstructions.png, codebook_usage.png,
-                                   classifier.ckpt, sweep.json, sweep.png
+                                   classifier.ckpt, sweep.json, sweep.png, reference/ (cached real features)
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ class RunFolder:
     sampler = property(lambda self: self.root / "sampler")
     eval = property(lambda self: self.root / "eval")
     classifier = property(lambda self: self.eval / "classifier.ckpt")
+    reference_cache = property(lambda self: self.eval / "reference")
     report_json = property(lambda self: self.eval / "report.json")
     report_md = property(lambda self: self.eval / "report.md")
     eval_reconstructions = property(lambda self: self.eval / "reconstructions.png")

@@ -12,12 +12,12 @@ import time
 import torch
 
 from pipeline.config import Config
-from pipeline.data import load_image_data, seeded_subset
+from pipeline.data import load_image_data, real_provenance, seeded_subset
 from pipeline.distributed import gather_rows, on_rank_zero, rank_zero_first, shard_indices
 from pipeline.fabric import make_fabric
 from pipeline.io import atomic_write_text
 from pipeline.metrics import fid_from_features, precision_recall
-from pipeline.metrics.extract import features_of, make_extractor
+from pipeline.metrics.extract import features_of, make_extractor, reference_features
 from pipeline.metrics.report import per_class_accuracy, sweep_plot
 from stages.cli import run_main, stage_parser
 from stages.runfolder import RunFolder, build_sampler
@@ -42,8 +42,10 @@ def run_sweep(cfg: Config, run: RunFolder) -> list[dict] | None:
     extractor.module.to(fabric.device)
     e, s = cfg.evaluate, cfg.sample
     n = min(cfg.sweep.num, len(data.train), len(data.holdout))
-    f_ref, _ = features_of(fabric, extractor, seeded_subset(data.train, n, seed=0), n, e.batch_size, "reference")
-    f_held, l_held = features_of(fabric, extractor, data.holdout.all_pixels(n), n, e.batch_size, "held-out")
+    f_ref, _ = reference_features(fabric, extractor, lambda: seeded_subset(data.train, n, seed=0), n, e.batch_size,
+                                  run.reference_cache, real_provenance(cfg1.data, "train"), "reference")
+    f_held, l_held = reference_features(fabric, extractor, lambda: data.holdout.all_pixels(n), n, e.batch_size,
+                                        run.reference_cache, real_provenance(cfg1.data, "holdout"), "held-out")
     held_labels = data.holdout.labels[:n].numpy()
     results = []
     for setting in sweep_settings(cfg):

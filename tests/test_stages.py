@@ -348,3 +348,27 @@ def test_data_stage_on_the_default_preset_and_preview_rows_by_class(tmp_path, ca
     assert "wrote" in out and "(images from the cache)" not in out
     assert run(data_stage, tmp_path / "run", "data.hflip=true") == 0
     assert "(images from the cache)" in capsys.readouterr().out
+
+
+def test_reference_features_are_cached_per_data_extractor_and_n(smoke_run, tmp_path, monkeypatch):
+    """A second evaluation reads the real images' features from RUN/eval/reference/ instead of running the
+    extractor on them; another N is another entry."""
+    from pipeline.metrics import extract
+
+    run_dir = copy_run(smoke_run, tmp_path / "run")
+    assert run(evaluate, run_dir) == 0
+    cached = sorted((run_dir / "eval" / "reference").glob("*.npz"))
+    assert [p.name.split("-")[0] for p in cached] == ["holdout", "train"]
+    first = json.loads((run_dir / "eval" / "report.json").read_text())
+    calls = []
+    real_features_of = extract.features_of
+    monkeypatch.setattr(extract, "features_of", lambda *a, **kw: calls.append(kw.get("desc", a[-1])) or
+                        real_features_of(*a, **kw))
+    assert run(evaluate, run_dir) == 0
+    assert calls == []  # the real side came from the cache (the stage calls its own features_of for samples)
+    again = json.loads((run_dir / "eval" / "report.json").read_text())
+    assert again["fid"] == first["fid"] and again["real_floor"] == first["real_floor"]
+    assert [p.stat().st_mtime_ns for p in cached] == [p.stat().st_mtime_ns for p in sorted(
+        (run_dir / "eval" / "reference").glob("*.npz"))]
+    assert run(evaluate, run_dir, "evaluate.num_real=20") == 0
+    assert len(list((run_dir / "eval" / "reference").glob("*.npz"))) == 4

@@ -25,6 +25,7 @@ class Extractor:
     name: str  # domain | inception
     module: torch.nn.Module
     has_logits: bool
+    fingerprint: str = ""  # the sha256 of its weights file: features cached under it are this network's
 
     @torch.no_grad()
     def __call__(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -43,7 +44,10 @@ def make_extractor(e: EvaluateConfig, classifier_path: Path, data: ImageData, lo
 
         model, acc = load_or_train_classifier(classifier_path, data.train, data.holdout, data.num_classes,
                                               e.classifier_steps, e.classifier_batch_size, log=log)
-        return Extractor("domain", model, True), {"classifier_heldout_accuracy": acc}
+        from pipeline.codes import file_sha256
+
+        return (Extractor("domain", model, True, file_sha256(classifier_path)),
+                {"classifier_heldout_accuracy": acc})
     from pipeline.metrics.features import INCEPTION_ENV_VAR, InceptionFeatures
 
     path = e.inception_path or os.environ.get(INCEPTION_ENV_VAR, "")
@@ -51,7 +55,9 @@ def make_extractor(e: EvaluateConfig, classifier_path: Path, data: ImageData, lo
         raise UserError(f"evaluate.extractor=inception needs the FID Inception weights file (evaluate."
                         f"inception_path={path!r} not found); see README 'Inception weights offline', or use "
                         "evaluate.extractor=domain")
-    return Extractor("inception", InceptionFeatures(Path(path).expanduser()), False), {}
+    from pipeline.metrics.features import INCEPTION_SHA256
+
+    return Extractor("inception", InceptionFeatures(Path(path).expanduser()), False, INCEPTION_SHA256), {}
 
 
 def features_of(fabric, extractor: Extractor, pixels: torch.Tensor, total: int, batch_size: int,
@@ -74,3 +80,29 @@ def features_of(fabric, extractor: Extractor, pixels: torch.Tensor, total: int, 
     if out is None:
         return None, None
     return out[0], (out[1] if len(out) > 1 else None)
+
+
+def reference_features(fabric, extractor: Extractor, pixels_fn, total: int, batch_size: int, cache: Path,
+                       provenance: dict, desc: str = "features") -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``features_of`` the real images ``pixels_fn()`` gives, cached in the folder ``cache`` under a key of
+    ``provenance`` (which data, split, seed and N), the extractor and its weights: a second evaluation or sweep
+    reads them instead of running the network. Every rank decides from the same file before any collective;
+    rank 0 writes it after. Returns what ``features_of`` returns (None on ranks other than 0)."""
+    import hashlib
+    import json
+
+    from pipeline.io import atomic_savez
+
+    meta = {**provenance, "n": int(total), "extractor": extractor.name, "weights_sha256": extractor.fingerprint}
+    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(cache) / f"{provenance.get('split', 'real')}-{extractor.name}-{total}-{key}.npz"
+    if path.is_file():
+        if fabric.global_rank != 0:
+            return None, None
+        with np.load(path, allow_pickle=False) as z:
+            return z["features"], (z["logits"] if "logits" in z.files else None)
+    feats, logits = features_of(fabric, extractor, pixels_fn(), total, batch_size, desc)
+    if fabric.global_rank == 0:
+        arrays = {"features": feats, **({"logits": logits} if logits is not None else {})}
+        atomic_savez(path, provenance=np.asarray(json.dumps(meta)), **arrays)
+    return feats, logits
