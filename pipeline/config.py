@@ -224,6 +224,7 @@ class SweepConfig:
     temperatures: list[float] = field(default_factory=lambda: [0.7, 0.85, 1.0, 1.15])  # each > 0, at top_p 1
     top_p: list[float] = field(default_factory=lambda: [0.8, 0.95])  # each in (0, 1), at temperature 1
     num: int = 500  # images per setting
+    accept: list[float] = field(default_factory=lambda: [0.5, 0.25])  # rejection sampling's acceptance rates
 
 
 @dataclass
@@ -556,3 +557,4 @@ def validate(cfg: Config) -> None:
     _check(all(t > 0 for t in w.temperatures), "sweep.temperatures", w.temperatures, "temperatures must be > 0")
     _check(all(0 < p <= 1 for p in w.top_p), "sweep.top_p", w.top_p, "values in (0, 1]")
     _check(w.num >= 1, "sweep.num", w.num, "must be >= 1")
+    _check(all(0 < a < 1 for a in w.accept), "sweep.accept", w.accept, "acceptance rates in (0, 1) ([] = none)")

@@ -19,6 +19,7 @@ from pipeline.io import atomic_write_text
 from pipeline.metrics import fid_from_features, precision_recall
 from pipeline.metrics.extract import features_of, make_extractor, reference_features
 from pipeline.metrics.report import per_class_accuracy, sweep_plot
+from pipeline.rejection import asked_class_probability, candidates_for, select_accepted
 from stages.cli import run_main, stage_parser
 from stages.runfolder import RunFolder, build_sampler
 
@@ -27,7 +28,12 @@ def sweep_settings(cfg: Config) -> list[dict]:
     base = {"temperature": 1.0, "top_k": cfg.sample.top_k, "top_p": 1.0}
     out = [dict(base, temperature=t) for t in cfg.sweep.temperatures]
     out += [dict(base, top_p=p) for p in cfg.sweep.top_p if p < 1.0]
+    out += [dict(base, accept=a) for a in cfg.sweep.accept]
     return out
+
+
+def vary(setting: dict) -> str:
+    return "accept" if "accept" in setting else "temperature" if setting["top_p"] == 1.0 else "top_p"
 
 
 def run_sweep(cfg: Config, run: RunFolder) -> list[dict] | None:
@@ -48,22 +54,34 @@ def run_sweep(cfg: Config, run: RunFolder) -> list[dict] | None:
                                         run.reference_cache, real_provenance(cfg1.data, "holdout"), "held-out")
     held_labels = data.holdout.labels[:n].numpy()
     results = []
-    for setting in sweep_settings(cfg):
-        indices = shard_indices(n, fabric.global_rank, fabric.world_size)
+    settings = sweep_settings(cfg)
+    if any("accept" in x for x in settings) and not (sampler.num_classes and extractor.has_logits):
+        fabric.print("sweep: rejection sampling (sweep.accept) needs a class-conditional prior and the domain "
+                     "classifier; skipped")
+        settings = [x for x in settings if "accept" not in x]
+    for setting in settings:
+        m = candidates_for(n, setting.get("accept", 1.0))  # samples drawn for n kept
+        indices = shard_indices(m, fabric.global_rank, fabric.world_size)
         part = sampler.generate_samples(len(indices), setting["temperature"], setting["top_k"], setting["top_p"],
                                         s.labels, s.guidance, s.seed, s.batch_size, indices=indices)
         pixels = torch.from_numpy(part.images).permute(0, 3, 1, 2)  # this rank's (n_rank, H, W, C) -> NCHW
-        f_fake, l_fake = features_of(fabric, extractor, pixels, n, e.batch_size, "samples", sharded=True)
-        labels = gather_rows(fabric, [part.labels], n)  # every rank takes part; rank 0 gets them in order
+        f_fake, l_fake = features_of(fabric, extractor, pixels, m, e.batch_size, "samples", sharded=True)
+        labels = gather_rows(fabric, [part.labels], m)  # every rank takes part; rank 0 gets them in order
         if fabric.global_rank == 0:
-            r = {**setting, "vary": "temperature" if setting["top_p"] == 1.0 else "top_p",
+            labels = labels[0]
+            if m > n:  # keep the n most typical of their asked class
+                keep = select_accepted(asked_class_probability(l_fake, labels), labels, n)
+                f_fake, l_fake, labels = f_fake[keep], l_fake[keep], labels[keep]
+            r = {**setting, "vary": vary(setting), "sampled_per_kept": m / n,
                  "fid": fid_from_features(f_ref, f_fake), **precision_recall(f_ref, f_fake, k=e.k)}
-            per = per_class_accuracy(l_fake, labels[0], l_held, held_labels, data.class_names)
+            per = per_class_accuracy(l_fake, labels, l_held, held_labels, data.class_names)
             r["asked_class_accuracy"] = per["asked_class_accuracy"] if per else None
             results.append(r)
             asked = f", asked class {per['asked_class_accuracy']:.1%}" if per else ""
-            fabric.print(f"sweep: T={r['temperature']:g} top_p={r['top_p']:g}: FID {r['fid']:.3g}, precision "
-                         f"{r['precision']:.3f}, recall {r['recall']:.3f}{asked}")
+            how = f"accept {setting['accept']:g} ({m} sampled)" if "accept" in setting else \
+                f"T={r['temperature']:g} top_p={r['top_p']:g}"
+            fabric.print(f"sweep: {how}: FID {r['fid']:.3g}, precision {r['precision']:.3f}, recall "
+                         f"{r['recall']:.3f}{asked}")
 
     def write() -> list[dict]:  # rank 0 only
         floor = {"fid": fid_from_features(f_ref, f_held), **precision_recall(f_ref, f_held, k=e.k)}

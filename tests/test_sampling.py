@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -228,3 +229,18 @@ def test_wrong_uniform_length_raises():
     prior = tiny_prior()
     with pytest.raises(ValueError, match="length 5"):
         sample_level(prior, torch.rand(2, 5), torch.tensor([0, 1]))
+
+
+def test_rejection_keeps_the_most_typical_share_of_each_asked_class():
+    from pipeline.rejection import asked_class_probability, candidates_for, select_accepted
+
+    assert candidates_for(100, 0.25) == 400 and candidates_for(100, 1.0) == 100 and candidates_for(10, 0.3) == 34
+    labels = np.array([0] * 8 + [1] * 4)
+    prob = np.concatenate([np.linspace(0.1, 0.8, 8), np.linspace(0.5, 0.9, 4)])
+    kept = select_accepted(prob, labels, 6)
+    assert sorted(labels[kept].tolist()) == [0] * 4 + [1] * 2  # half of each class, as asked
+    assert set(kept.tolist()) == {4, 5, 6, 7, 10, 11}  # the most probable half of each
+    logits = np.log(np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]))
+    assert np.allclose(asked_class_probability(logits, np.array([0, 1])), [0.7, 0.1])
+    with pytest.raises(ValueError, match="accept=0"):
+        candidates_for(10, 0)

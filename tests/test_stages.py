@@ -160,8 +160,10 @@ def test_sweep_plots_precision_against_recall(smoke_run):
 
     assert run(sweep, smoke_run) == 0
     data = json.loads((smoke_run / "eval" / "sweep.json").read_text())
-    settings = [(r["temperature"], r["top_p"]) for r in data["results"]]
-    assert settings == [(0.8, 1.0), (1.0, 1.0), (1.0, 0.9)]  # smoke: temperatures [0.8, 1.0], top_p [0.9]
+    settings = [(r["vary"], r["temperature"], r["top_p"], r.get("accept")) for r in data["results"]]
+    assert settings == [("temperature", 0.8, 1.0, None), ("temperature", 1.0, 1.0, None), ("top_p", 1.0, 0.9, None),
+                        ("accept", 1.0, 1.0, 0.5), ("accept", 1.0, 1.0, 0.25)]  # smoke config + default accept
+    assert [r["sampled_per_kept"] for r in data["results"]] == [1, 1, 1, 2, 4]
     for r in data["results"]:
         assert 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 and r["fid"] >= 0
         assert 0 <= r["asked_class_accuracy"] <= 1  # the smoke prior is class-conditional

@@ -97,16 +97,16 @@ def sweep_plot(path: Path, results: list[dict], floor: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    for kind, marker, color in (("temperature", "o", "#3b6ea5"), ("top_p", "s", "#c0504d")):
+    series = (("temperature", "o", "#3b6ea5", "T", "varying temperature"), ("top_p", "s", "#c0504d", "p",
+              "varying top-p"), ("accept", "^", "#4f8f3a", "a", "rejection sampling, acceptance a"))
+    for kind, marker, color, short, label in series:
         pts = [r for r in results if r["vary"] == kind]
         if not pts:
             continue
-        ax.plot([r["recall"] for r in pts], [r["precision"] for r in pts], marker=marker, color=color,
-                label=f"varying {kind.replace('_', '-')}")
+        ax.plot([r["recall"] for r in pts], [r["precision"] for r in pts], marker=marker, color=color, label=label)
         for r in pts:
-            ax.annotate(f"{'T' if kind == 'temperature' else 'p'}={r[kind]:g}\nFID {r['fid']:.3g}",
-                        (r["recall"], r["precision"]), textcoords="offset points",
-                        xytext=(6, -18 if kind == "top_p" else 4), fontsize=7)
+            ax.annotate(f"{short}={r[kind]:g}\nFID {r['fid']:.3g}", (r["recall"], r["precision"]),
+                        textcoords="offset points", xytext=(6, -18 if kind == "top_p" else 4), fontsize=7)
     ax.scatter([floor["recall"]], [floor["precision"]], marker="*", s=140, color="black", label="real held-out")
     ax.set_xlabel("recall (diversity)")
     ax.set_ylabel("precision (quality)")
