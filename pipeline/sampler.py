@@ -52,12 +52,14 @@ def resolve_device(name: str | torch.device) -> torch.device:
 
 class Sampler(nn.Module):
     def __init__(self, vqvae_cfg: VQVAEConfig, in_channels: int, image_size: int, priors: list[Prior],
-                 level_names: list[str], prior_specs: list[dict], class_names: list[str] | None = None) -> None:
+                 level_names: list[str], prior_specs: list[dict], class_names: list[str] | None = None,
+                 background: str = "white") -> None:
         super().__init__()
         self.vqvae = VQVAE2(vqvae_cfg, in_channels)
         self.priors = nn.ModuleList(priors)
         self.image_size, self.level_names, self.prior_specs = image_size, level_names, prior_specs
         self.class_names = class_names
+        self.background = background  # what transparent pixels of images to encode show, as in training
         self.sampling_defaults: dict[str, Any] = {}
         if len(priors) != vqvae_cfg.levels:
             raise ValueError(f"{len(priors)} priors for {vqvae_cfg.levels} levels")
@@ -73,15 +75,18 @@ class Sampler(nn.Module):
     # ------------------------------------------------------------------------------------------------------
     @classmethod
     def from_models(cls, vqvae: VQVAE2, priors: list[Prior], image_size: int, level_names: list[str],
-                    prior_specs: list[dict], class_names: list[str] | None = None) -> Sampler:
-        sampler = cls(vqvae.cfg, vqvae.in_channels, image_size, priors, level_names, prior_specs, class_names)
+                    prior_specs: list[dict], class_names: list[str] | None = None, background: str = "white"
+                    ) -> Sampler:
+        sampler = cls(vqvae.cfg, vqvae.in_channels, image_size, priors, level_names, prior_specs, class_names,
+                      background)
         sampler.vqvae.load_state_dict(vqvae.state_dict())
         return sampler.eval()
 
     def config_dict(self) -> dict[str, Any]:
         """What rebuilds the modules, as plain values (``config.json`` of the export)."""
         return {"vqvae": asdict(self.vqvae.cfg), "in_channels": self.vqvae.in_channels, "image_size": self.image_size,
-                "levels": self.level_names, "priors": self.prior_specs, "class_names": self.class_names}
+                "levels": self.level_names, "priors": self.prior_specs, "class_names": self.class_names,
+                "background": self.background}
 
     def save_pretrained(self, folder: str | Path, sampling_defaults: dict | None = None) -> Path:
         """Export to ``folder``: ``config.json`` + ``model.safetensors``, flat ``vqvae.*`` and ``prior.<level>.*``
@@ -99,7 +104,8 @@ class Sampler(nn.Module):
         try:
             priors = [prior_from_spec(spec) for spec in config["priors"]]
             sampler = cls(VQVAEConfig(**config["vqvae"]), config["in_channels"], config["image_size"], priors,
-                          config["levels"], config["priors"], config.get("class_names"))
+                          config["levels"], config["priors"], config.get("class_names"),
+                          config.get("background", "white"))
             sampler.load_flat_state(tensors)
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             reason = " ".join(str(err).split())[:240] or type(err).__name__  # e.g. "size mismatch for ..."
@@ -197,6 +203,27 @@ class Sampler(nn.Module):
             codes=[np.concatenate(o) if o else np.zeros((0,), np.int64) for o in codes_out],
             labels=(all_labels.numpy() if all_labels is not None else np.full(len(indices), -1)).astype(np.int64),
         )
+
+    def load_images(self, sources: list) -> np.ndarray:
+        """Image files (paths or bytes, any mode PIL opens) -> uint8 (N, H, W, C), decoded exactly as training
+        decoded its images (alpha over the training background, EXIF orientation, padded or resized and cropped
+        to the sampler's size and channels)."""
+        from PIL import Image, UnidentifiedImageError
+
+        from pipeline.decode import load_image_file
+
+        out = []
+        for src in sources:
+            try:
+                out.append(load_image_file(src, self.image_size, self.vqvae.in_channels, self.background))
+            except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
+                shown = src if isinstance(src, (str, Path)) else f"<{len(src)} bytes>"
+                reason = "no such file" if isinstance(err, FileNotFoundError) else (
+                    str(err).splitlines()[0].rstrip(".") if str(err) else type(err).__name__)
+                raise UserError(f"cannot read image {shown}: {reason}; give an image file PIL opens (PNG, JPEG, "
+                                "GIF, BMP, TIFF, WebP)") from None
+        return np.stack(out).transpose(0, 2, 3, 1) if out else np.zeros(
+            (0, self.image_size, self.image_size, self.vqvae.in_channels), np.uint8)
 
     @torch.no_grad()
     def encode(self, images: np.ndarray) -> list[np.ndarray]:

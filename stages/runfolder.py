@@ -134,7 +134,8 @@ def build_sampler(run: RunFolder) -> tuple[Sampler, Config]:
     num_classes = priors[0][0].num_classes  # older checkpoints have no class names: the indices name them
     class_names = (priors[0][1].get("class_names") or [str(i) for i in range(num_classes)]) if num_classes else None
     sampler = Sampler.from_models(vqvae, [p for p, _ in priors], cfg1.data.image_size, level_names(vqvae.levels),
-                                  [normalize_spec(meta["prior"]) for _, meta in priors], class_names)
+                                  [normalize_spec(meta["prior"]) for _, meta in priors], class_names,
+                                  cfg1.data.background)
     return sampler, cfg1
 
 

@@ -374,3 +374,50 @@ def test_reference_features_are_cached_per_data_extractor_and_n(smoke_run, tmp_p
         (run_dir / "eval" / "reference").glob("*.npz"))]
     assert run(evaluate, run_dir, "evaluate.num_real=20") == 0
     assert len(list((run_dir / "eval" / "reference").glob("*.npz"))) == 4
+
+
+def test_encode_and_reconstruct_files_reproduce_the_stage1_reconstructions(smoke_run, tmp_path, capsys):
+    """Held-out images written as files go through `python -m pipeline.generate encode / reconstruct` (the
+    exported sampler, decoding as in training) to the codes and reconstructions of the stage-1 checkpoint."""
+    from PIL import Image
+
+    from pipeline.config import load_config
+    from pipeline.data import load_image_data, to_float, to_uint8
+    from pipeline.generate import main as generate
+    from stages.runfolder import RunFolder, load_vqvae
+    from tests.conftest import assert_same_draws, assert_same_images
+
+    held = load_image_data(load_config("configs/smoke.yaml").data).holdout.all_pixels(6)  # (6, 1, 16, 16)
+    files = []
+    for i, img in enumerate(held.numpy()):
+        files.append(tmp_path / f"held{i}.png")
+        Image.fromarray(img[0], "L").convert("RGBA").save(files[-1])  # another mode than training's: same pixels
+    vqvae, _, _ = load_vqvae(RunFolder(smoke_run))
+    with torch.no_grad():
+        codes = [c.numpy() for c in vqvae.encode(to_float(held))]
+        recon = to_uint8(vqvae(to_float(held)).reconstruction).permute(0, 2, 3, 1).numpy()
+    sampler = str(smoke_run / "sampler")
+    assert generate(["encode", "--sampler", sampler, "--in", *map(str, files), "--out", str(tmp_path / "c.npz")]) == 0
+    with np.load(tmp_path / "c.npz") as z:
+        got = [z["codes_top"], z["codes_bottom"]]
+        assert z["files"].tolist() == [str(f) for f in files]
+    out = tmp_path / "recon.png"
+    assert generate(["reconstruct", "--sampler", sampler, "--in", *map(str, files), "--out", str(out)]) == 0
+    grid = np.asarray(Image.open(out))
+    assert grid.shape == (2 * (16 * 2 + 4) + 4, 6 * (16 * 2 + 4) + 4)  # 2 rows of 6, scale 2, 2-px gaps x 2
+    bottom = np.stack([grid[2 * 18 + 4 : 2 * 18 + 4 + 32 : 2, 4 + 36 * i : 4 + 36 * i + 32 : 2] for i in range(6)])
+    assert_same_images(bottom[..., None], got[1], recon, codes[1])  # within rounding of the checkpoint's own
+    assert_same_draws(got[0], codes[0])
+    assert "reconstructed 6 image(s)" in capsys.readouterr().out
+
+    missing = tmp_path / "nope.png"
+    assert generate(["encode", "--sampler", sampler, "--in", str(files[0]), str(missing), "--out",
+                     str(tmp_path / "d.npz")]) == 2
+    (tmp_path / "text.png").write_text("not an image")
+    assert generate(["reconstruct", "--sampler", sampler, "--in", str(tmp_path / "text.png"), "--out",
+                     str(tmp_path / "e.png")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"error: cannot read image {missing}: no such file; give an image file PIL opens (PNG, JPEG, " \
+                     "GIF, BMP, TIFF, WebP)"
+    assert err[1].startswith(f"error: cannot read image {tmp_path / 'text.png'}: cannot identify image file")
+    assert not (tmp_path / "d.npz").exists() and not (tmp_path / "e.png").exists()
