@@ -173,9 +173,9 @@ def report_markdown(report: dict, title: str, pictures: dict[str, str]) -> str:
            if "classifier_heldout_accuracy" in report else "")
         + f"; k = {report['k']} for precision/recall/density/coverage. The real floor is the same metrics for "
         f"{report['num_samples']} real held-out images against the same reference. KID is the mean ± standard "
-        "deviation over 100 random subsets; [brackets] are 95% bootstrap intervals "
-        f"({report.get('bootstrap_rounds', 0)} resamplings of both sets for FID, of the per-image in/out "
-        "indicators for precision and recall).",
+        "deviation over 100 random subsets of half the images; [brackets] are 95% bootstrap intervals: FID ± 1.96 "
+        f"standard deviations of FID over {report.get('bootstrap_rounds', 0)} resamplings of both sets, and the "
+        "percentile interval of precision and recall over resamplings of their per-image in/out indicators.",
         "",
         "| metric | samples | real floor |",
         "|---|---|---|",
