@@ -12,9 +12,9 @@ inside a forked RNG seeded by ``seed``: reproducible, and the caller's stream is
 
 The FID interval resamples both feature sets with replacement, recomputes FID, and puts the estimate plus or
 minus 1.96 of those values' standard deviation (resampled sets repeat rows, which biases FID upward, so their
-percentiles would not even contain the estimate at small N). Precision and recall are shares of points inside the other set's k-NN balls; their
-intervals resample those per-point indicators with the balls held fixed, since repeated rows would shrink
-a k-NN radius to zero and so bias the balls themselves.
+percentiles would not even contain the estimate at small N). Precision and recall are shares of points
+inside the other set's k-NN balls; their intervals resample those per-point indicators with the balls held
+fixed, since repeated rows would shrink a k-NN radius to zero and so bias the balls themselves.
 """
 
 from __future__ import annotations
