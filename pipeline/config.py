@@ -476,8 +476,7 @@ def check_sampling_settings(temperature: float, top_k: int, top_p: float, guidan
             raise ValueError(f"{prefix}{key}={value!r} is not allowed: {rule}")
 
 
-def validate(cfg: Config) -> None:
-    d, f, v = cfg.data, cfg.fabric, cfg.vqvae
+def _validate_data(d: DataConfig, downsample: int) -> None:
     _check_choice("data.source", d.source, ("embedded", "folder", "hub", "idx"))
     if d.source == "embedded":
         _check_choice("data.name", d.name, ("mnist_5k",))
@@ -494,9 +493,9 @@ def validate(cfg: Config) -> None:
     _check(d.num_proc >= 0, "data.num_proc", d.num_proc, "must be >= 0 (0 = one per core)")
     _check(d.channels in (1, 3), "data.channels", d.channels, "1 (grey) or 3 (RGB)")
     _check(d.image_size >= 8, "data.image_size", d.image_size, "must be >= 8")
-    _check(d.image_size % v.downsample == 0, "data.image_size", d.image_size,
-           f"must be divisible by the total downsampling 2^(vqvae.levels+1) = {v.downsample} "
-           f"(e.g. {max(v.downsample, d.image_size // v.downsample * v.downsample)})")
+    _check(d.image_size % downsample == 0, "data.image_size", d.image_size,
+           f"must be divisible by the total downsampling 2^(vqvae.levels+1) = {downsample} "
+           f"(e.g. {max(downsample, d.image_size // downsample * downsample)})")
     _check(0 < d.holdout_fraction < 1, "data.holdout_fraction", d.holdout_fraction, "must be in (0, 1)")
     _check(d.split_seed >= 0, "data.split_seed", d.split_seed, "must be >= 0")
     _check(d.max_images >= 0, "data.max_images", d.max_images, "must be >= 0 (0 = all)")
@@ -505,6 +504,10 @@ def validate(cfg: Config) -> None:
            "a colour name (white), #rrggbb or rgb(r, g, b)")
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
 
+
+def validate(cfg: Config) -> None:
+    _validate_data(cfg.data, cfg.vqvae.downsample)
+    f, v = cfg.fabric, cfg.vqvae
     _check_choice("fabric.accelerator", f.accelerator, ("cpu", "cuda", "mps", "gpu", "auto"))
     _check(f.devices >= 1, "fabric.devices", f.devices, "must be >= 1")
     _check(f.num_nodes >= 1, "fabric.num_nodes", f.num_nodes, "must be >= 1")
