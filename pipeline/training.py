@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from pipeline.card import hardware
 from pipeline.checkpoint import (
     BEST_CKPT,
     LAST_CKPT,
@@ -157,7 +158,8 @@ class _Loop:
     def save(self, path: Path) -> None:
         """A checkpoint of the state at this step boundary, with every rank's RNG and the training settings."""
         self.state["rng"] = rng_state()
-        extra: dict[str, Any] = {"train": asdict(self.tcfg)}  # the settings this checkpoint was trained with
+        extra: dict[str, Any] = {"train": asdict(self.tcfg),  # the settings this checkpoint was trained with
+                                 "hardware": hardware(self.fabric.device)}
         if self.fabric.world_size > 1:
             extra["rng_ranks"] = rank_rng_states(self.fabric)
         if not self.fsdp:  # FSDP's full optimizer state is already keyed by parameter name
@@ -189,7 +191,7 @@ def _set_up(fabric, task: Task, tcfg: TrainConfig, out_dir: Path, desc: str) -> 
     model, optimizer = fabric.setup(model, optimizer)
     loop = _Loop(fabric, task, tcfg, Path(out_dir), desc, model, optimizer, scheduler, param_names, fsdp)
     loop.state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "step": 0, "best": float("inf"),
-                  "rng": rng_state(), "meta": task.meta, "metrics": {}}
+                  "rng": rng_state(), "meta": task.meta, "metrics": {}, "seconds": 0.0}
     return loop
 
 
@@ -197,8 +199,11 @@ def _resume(loop: _Loop) -> tuple[dict | None, bool]:
     """Load ``last.ckpt`` into the state; the config's optimizer and schedule settings win (and are reported).
     Returns (every rank's saved RNG states or None, whether the run had already finished)."""
     fabric, tcfg, state = loop.fabric, loop.tcfg, loop.state
-    load_checkpoint(loop.last)  # a corrupt or unsafe file: one line, before Fabric's own loader sees it
+    saved = load_checkpoint(loop.last)  # a corrupt or unsafe file: one line, before Fabric's own loader sees it
+    if "seconds" not in saved:  # written before training time was kept
+        state.pop("seconds")
     rest = fabric.load(loop.last, state, weights_only=True)  # what is not in ``state``: per-rank RNG, settings
+    state.setdefault("seconds", 0.0)
     if state["step"] >= tcfg.max_steps:
         fabric.print(f"{loop.desc}: already finished ({state['step']}/{tcfg.max_steps} steps) in {loop.out_dir}; "
                      "use --fresh to start over, or raise max_steps to continue")
@@ -317,7 +322,7 @@ def fit(fabric, task: Task, tcfg: TrainConfig, out_dir: Path, fresh: bool = Fals
     bar = tqdm(total=tcfg.max_steps, initial=state["step"], desc=desc, disable=fabric.global_rank != 0,
                dynamic_ncols=True, unit="step", file=sys.stderr)
     stop, saved_on_stop = _StopOnInterrupt(), False
-    loop.t_rate = time.perf_counter()
+    loop.t_rate = t_wall = time.perf_counter()
     try:
         stop.install()
         while state["step"] < tcfg.max_steps:
@@ -326,6 +331,8 @@ def fit(fabric, task: Task, tcfg: TrainConfig, out_dir: Path, fresh: bool = Fals
             loss, logs, finite, stop_agreed = _micro_steps(loop, model, batches, stop, step)
             _optimizer_step(loop, loss, finite, step)
             state["step"] = step = step + 1
+            state["seconds"] += time.perf_counter() - t_wall  # training wall time, summed over resumed runs
+            t_wall = time.perf_counter()
             bar.update(1)
             _log(loop, bar, logs, step)
             _validate(loop, bar, step)
