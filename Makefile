@@ -24,11 +24,11 @@ STAMP := $(VENV)/.installed
 # functions; CONFIG and RUN are quoted, ARGS is split on spaces on purpose
 STAGE = $(PY) -m stages.$(1) --config "$(CONFIG)" $(if $(RUN),--run "$(RUN)",) $(ARGS)
 
-.PHONY: help install emoji-data data stage1 stage2 sample evaluate sweep test lint bench clean
+.PHONY: help install emoji-data data stage1 stage2 sample evaluate sweep tensorboard test lint bench clean
 
 help:
 	@sed -n '1,/^$$/p' Makefile | sed 's/^# \{0,1\}//'
-	@echo "targets: install emoji-data data stage1 stage2 sample evaluate sweep test lint bench clean"
+	@echo "targets: install emoji-data data stage1 stage2 sample evaluate sweep tensorboard test lint bench clean"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -60,6 +60,11 @@ evaluate: $(STAMP)
 
 sweep: $(STAMP)
 	$(call STAGE,sweep)
+
+# the training curves and reconstruction grids of stages 1 and 2 of the run, at http://127.0.0.1:6006
+tensorboard: $(STAMP)
+	run="$(RUN)"; $(PY) -m tensorboard.main --host 127.0.0.1 --port $(or $(PORT),6006) \
+	  --logdir "$${run:-runs/$$(basename "$(CONFIG)" .yaml)}"
 
 test: $(STAMP)
 	$(PY) -m pytest -q

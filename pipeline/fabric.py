@@ -48,6 +48,7 @@ def make_fabric(cfg: FabricConfig, loggers: list | None = None, launch: bool = T
 
 
 def make_loggers(log_dir: Path) -> list:
+    """CSV (``log_dir/logs/``) and TensorBoard (``log_dir/tensorboard/``, read by ``make tensorboard``) loggers."""
     from lightning_fabric.loggers import CSVLogger
 
     loggers: list = [CSVLogger(root_dir=str(log_dir), name="logs")]
@@ -56,3 +57,13 @@ def make_loggers(log_dir: Path) -> list:
 
         loggers.append(TensorBoardLogger(root_dir=str(log_dir), name="tensorboard"))
     return loggers
+
+
+def log_image(fabric, tag: str, image, step: int) -> None:
+    """A PIL image to the TensorBoard loggers (the CSV logger keeps numbers only)."""
+    import numpy as np
+    from lightning_fabric.loggers import TensorBoardLogger
+
+    for logger in fabric.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")

@@ -13,9 +13,9 @@ from pipeline.checkpoint import LAST_CKPT
 from pipeline.config import Config, config_diff, save_config
 from pipeline.data import ImageSet, augment, load_image_data, to_float, to_uint8
 from pipeline.distributed import on_rank_zero, rank_zero_first
-from pipeline.fabric import make_fabric, make_loggers
-from pipeline.images import save_grid
-from pipeline.io import UserError, load_checkpoint
+from pipeline.fabric import log_image, make_fabric, make_loggers
+from pipeline.images import grid_image
+from pipeline.io import UserError, atomic_save_png, load_checkpoint
 from pipeline.metrics.reconstruction import reconstruction_stats
 from pipeline.sources import has_labels
 from pipeline.training import Task, fit
@@ -27,12 +27,19 @@ from stages.runfolder import RunFolder, check_resumable
 STAGE1_KEYS = ("data", "vqvae")  # the config sections a stage-1 model depends on
 
 
-def save_reconstructions(fabric, path: Path, model, holdout: ImageSet, n: int) -> None:
-    """Originals over reconstructions; every rank runs the model (a collective under FSDP), rank 0 writes."""
+def save_reconstructions(fabric, path: Path, model, holdout: ImageSet, n: int, step: int) -> None:
+    """Originals over reconstructions, to ``path`` and TensorBoard; every rank runs the model (a collective under
+    FSDP), rank 0 writes."""
     pixels = holdout.all_pixels(n)
     with torch.no_grad():
         recon = model(to_float(fabric.to_device(pixels))).reconstruction
-    on_rank_zero(fabric, lambda: save_grid(path, torch.cat([pixels, to_uint8(recon).cpu()]), nrow=min(n, 16)))
+
+    def write() -> None:
+        grid = grid_image(torch.cat([pixels, to_uint8(recon).cpu()]), nrow=min(n, 16), scale=2)
+        atomic_save_png(path, grid)
+        log_image(fabric, "val/reconstructions", grid, step)
+
+    on_rank_zero(fabric, write)
 
 
 def no_labels(cfg: Config) -> None:
@@ -82,7 +89,7 @@ def run_stage1(cfg: Config, run: RunFolder, fresh: bool = False) -> dict[str, fl
     def validate(fabric, model, step):
         metrics = reconstruction_stats(fabric, model, data.holdout).metrics
         if cfg.stage1.grid_images:
-            save_reconstructions(fabric, run.stage1_grid, model, data.holdout, cfg.stage1.grid_images)
+            save_reconstructions(fabric, run.stage1_grid, model, data.holdout, cfg.stage1.grid_images, step)
         return metrics
 
     task = Task(model=model, train_set=data.train, training_step=training_step, validate=validate,

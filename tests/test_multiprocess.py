@@ -206,7 +206,9 @@ def test_torchrun_ranks_hold_identical_weights_and_codebooks(torchrun_ranks):
 def test_torchrun_run_folder_is_written_once_by_rank_zero(torchrun_ranks):
     _, run_dir, proc = torchrun_ranks
     cached = [f for f in files(run_dir) if f.startswith("data/cache/")]
-    assert [f for f in files(run_dir) if f not in cached] == [
+    tensorboard = [f for f in files(run_dir) if f.startswith("stage1/tensorboard/")]
+    assert len(tensorboard) == 1 and "/version_0/events.out.tfevents." in tensorboard[0]  # one event file: rank 0's
+    assert [f for f in files(run_dir) if f not in cached + tensorboard] == [
         "config.yaml", "data/preview.png", "data/summary.json", "stage1/best.ckpt", "stage1/last.ckpt",
         "stage1/logs/version_0/metrics.csv", "stage1/reconstructions.png"]
     assert len({f.split("/")[2] for f in cached}) == 1 and any(f.endswith("/info.json") for f in cached)  # rank 0
@@ -270,7 +272,9 @@ def test_checkpoint_of_one_process_resumes_in_two_and_ctrl_c_stops_both(resume_c
     assert out.count(f"stage 1: interrupted; saved {last} at step {step}; run again to resume") == 1
     assert "Traceback" not in err
     # only rank 0 wrote: one new log version, no duplicates, nothing temporary
-    assert {f for f in after - before if not f.startswith("data/")} == {"stage1/logs/version_1/metrics.csv"}
+    new = {f for f in after - before if not f.startswith("data/")}
+    tensorboard = {f for f in new if f.startswith("stage1/tensorboard/version_1/events.out.tfevents.")}
+    assert len(tensorboard) == 1 and new - tensorboard == {"stage1/logs/version_1/metrics.csv"}
     assert leftovers(run_dir) == []
 
 
@@ -419,7 +423,7 @@ def test_sampling_with_two_processes_gives_the_same_images(smoke_run, two_proces
             assert np.array_equal(one[key], two[key]), key
         levels = sorted(k for k in one.files if k.startswith("codes_"))
         assert_same_images(one["images"], [one[k] for k in levels], two["images"], [two[k] for k in levels])
-    assert files(run_dir / "sampler") == ["README.md", "config.json", "model.safetensors"]
+    assert files(run_dir / "sampler") == ["README.md", "config.json", "model.safetensors", "samples.png"]
     assert (run_dir / "samples" / "grid.png").is_file()
     assert leftovers(run_dir) == []
 
