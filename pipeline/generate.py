@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+SAMPLER_HELP = "exported sampler folder (e.g. runs/mnist/sampler) or a Hugging Face Hub repo id (user/model)"
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -18,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
         return codes_main(argv[0], argv[1:])
     parser = argparse.ArgumentParser(description="Generate images with an exported sampler folder "
                                      "(config.json + model.safetensors) and write a PNG grid.")
-    parser.add_argument("--sampler", required=True, help="exported sampler folder (e.g. runs/mnist/sampler)")
+    parser.add_argument("--sampler", required=True, help=SAMPLER_HELP)
     parser.add_argument("--num", type=int, default=64, help="number of images (default 64)")
     parser.add_argument("--label", default=None,
                         help="class: a name or an index (cat, 7), a list (cat,dog or 3,5,7, cycled), uniform, or "
@@ -74,7 +76,7 @@ def codes_main(command: str, argv: list[str]) -> int:
         prog=f"python -m pipeline.generate {command}",
         description="Encode image files to the sampler's code grids (.npz)" if command == "encode" else
         "Reconstruct image files through the sampler's VQ-VAE: originals over reconstructions (.png)")
-    parser.add_argument("--sampler", required=True, help="exported sampler folder (e.g. runs/mnist/sampler)")
+    parser.add_argument("--sampler", required=True, help=SAMPLER_HELP)
     parser.add_argument("--in", dest="inputs", nargs="+", required=True, metavar="IMAGE",
                         help="image files of any mode PIL opens (decoded as in training)")
     parser.add_argument("--out", required=True, help="the .npz of codes (encode) or the .png grid (reconstruct)")

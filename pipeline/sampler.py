@@ -2,8 +2,11 @@
 images by ancestral sampling (top codes from the top prior, each lower level given the level above, then the
 decoder), and turning images into codes and back.
 
-``save_pretrained`` / ``from_pretrained`` write and read the exported folder (format in ``pipeline.export``);
-loading needs only this package: no run folder, no YAML, no training code.
+``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` write, read and share the exported folder (format in
+``pipeline.export``, model card in ``pipeline.card``) through ``huggingface_hub``'s ``ModelHubMixin``:
+``from_pretrained`` takes a local folder or a Hub repo id, ``push_to_hub`` is the library's own (it saves into a
+temporary folder with ``save_pretrained`` and uploads it). Loading needs only this package: no run folder, no
+YAML, no training code, no code from the folder.
 """
 
 from __future__ import annotations
@@ -14,11 +17,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from huggingface_hub import ModelHubMixin
 from torch import nn
 
+from pipeline import card as model_card
 from pipeline.config import VQVAEConfig, check_sampling_settings
 from pipeline.data import to_float, to_uint8
-from pipeline.export import CONFIG, REEXPORT, read_export, write_export
+from pipeline.export import CONFIG, REEXPORT, locate, read_export, write_export
 from pipeline.io import UserError
 from pipeline.priors import Prior, prior_from_spec
 from pipeline.sampling import image_uniforms, sample_level
@@ -50,7 +55,7 @@ def resolve_device(name: str | torch.device) -> torch.device:
     return device
 
 
-class Sampler(nn.Module):
+class Sampler(nn.Module, ModelHubMixin, library_name=model_card.LIBRARY, tags=list(model_card.TAGS)):
     def __init__(self, vqvae_cfg: VQVAEConfig, in_channels: int, image_size: int, priors: list[Prior],
                  level_names: list[str], prior_specs: list[dict], class_names: list[str] | None = None,
                  background: str = "white") -> None:
@@ -61,6 +66,7 @@ class Sampler(nn.Module):
         self.class_names = class_names
         self.background = background  # what transparent pixels of images to encode show, as in training
         self.sampling_defaults: dict[str, Any] = {}
+        self.card: dict[str, Any] = {}  # facts for the model card: data, training, hardware, evaluation
         if len(priors) != vqvae_cfg.levels:
             raise ValueError(f"{len(priors)} priors for {vqvae_cfg.levels} levels")
 
@@ -88,18 +94,47 @@ class Sampler(nn.Module):
                 "levels": self.level_names, "priors": self.prior_specs, "class_names": self.class_names,
                 "background": self.background}
 
-    def save_pretrained(self, folder: str | Path, sampling_defaults: dict | None = None) -> Path:
-        """Export to ``folder``: ``config.json`` + ``model.safetensors``, flat ``vqvae.*`` and ``prior.<level>.*``
-        tensors (format in ``pipeline.export``)."""
+    def save_pretrained(self, save_directory: str | Path, sampling_defaults: dict | None = None, *,
+                        push_to_hub: bool = False, repo_id: str | None = None, **hub: Any) -> Path:
+        """Export to ``save_directory``: ``config.json`` + ``model.safetensors`` (flat ``vqvae.*`` and
+        ``prior.<level>.*`` tensors), ``samples.png`` (drawn now with the sampling defaults) and the model card
+        ``README.md``. ``push_to_hub=True`` then uploads it to ``repo_id`` (default: the folder's name)."""
+        if sampling_defaults is not None:
+            self.sampling_defaults = dict(sampling_defaults)
         tensors = {f"vqvae.{k}": v for k, v in self.vqvae.state_dict().items()}
         for name, prior in zip(self.level_names, self.priors):
             tensors.update({f"prior.{name}.{k}": v for k, v in prior.state_dict().items()})
-        return write_export(folder, {**self.config_dict(), "sampling_defaults": sampling_defaults or {}}, tensors)
+        config = {**self.config_dict(), "sampling_defaults": self.sampling_defaults, "card": self.card}
+        folder = write_export(save_directory, config, tensors, self.card_grid())
+        if push_to_hub:  # ModelHubMixin.push_to_hub calls this method again on a temporary folder
+            hub.pop("config", None), hub.pop("model_card_kwargs", None)
+            self.push_to_hub(repo_id or folder.name, **hub)
+        return folder
+
+    def card_grid(self, per_class: int = 8, max_classes: int = 10, num: int = 64):
+        """The model card's picture: ``per_class`` samples of each of the first ``max_classes`` classes as labelled
+        rows, or ``num`` unconditional samples, drawn with the sampling defaults."""
+        from pipeline.images import grid_image, labelled_grid
+
+        d = self.sampling_defaults
+        settings = {k: d[k] for k in ("temperature", "top_k", "top_p", "guidance", "seed") if k in d}
+        if not self.num_classes:
+            return grid_image(self.generate(num, labels=None, **settings), nrow=8, scale=2)
+        names = self.class_names or [str(i) for i in range(self.num_classes)]
+        classes = list(range(min(self.num_classes, max_classes)))
+        images = self.generate(per_class * len(classes), labels=[c for c in classes for _ in range(per_class)],
+                               **settings)
+        return labelled_grid([(names[c], images[i * per_class:(i + 1) * per_class]) for i, c in enumerate(classes)],
+                             scale=2)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> Sampler:
-        """Rebuild from an exported folder; a missing, corrupt, tampered or mismatched file gives one clear error."""
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, device: str | torch.device = "cpu",
+                        **hub: Any) -> Sampler:
+        """Rebuild from an exported folder, or from a Hub repo id ("user/model", downloaded into the Hub cache;
+        ``hub``: revision, cache_dir, force_download, local_files_only, token). A missing, corrupt, tampered or
+        mismatched file gives one clear error."""
         device = resolve_device(device)
+        folder = locate(pretrained_model_name_or_path, **hub)
         config, tensors = read_export(folder)
         try:
             priors = [prior_from_spec(spec) for spec in config["priors"]]
@@ -112,6 +147,7 @@ class Sampler(nn.Module):
             raise UserError(f"{Path(folder) / CONFIG} does not describe the weights beside it ({reason}); "
                             f"{REEXPORT}") from None
         sampler.sampling_defaults = config.get("sampling_defaults", {})
+        sampler.card = config.get("card") or {}
         return sampler.to(device).eval()
 
     def load_flat_state(self, tensors: dict[str, torch.Tensor]) -> None:

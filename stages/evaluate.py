@@ -21,6 +21,7 @@ from pipeline.codes import CodeSet
 from pipeline.config import Config
 from pipeline.data import load_image_data, real_provenance, seeded_subset, to_float, to_uint8
 from pipeline.distributed import on_rank_zero, rank_zero_first
+from pipeline.export import CARD, CONFIG, record_evaluation
 from pipeline.fabric import make_fabric
 from pipeline.images import save_grid
 from pipeline.io import UserError, atomic_write_text
@@ -109,8 +110,12 @@ def run_evaluate(cfg: Config, run: RunFolder) -> dict | None:
             ("codebook_usage", run.codebook_usage), ("sweep", run.sweep_png)) if key != "sweep" or path.exists()}
         atomic_write_text(run.report_json, json.dumps(report, indent=1))
         atomic_write_text(run.report_md, report_markdown(report, str(run), pictures))
+        carded = (run.sampler / CONFIG).exists()
+        if carded:  # the exported sampler's model card gets these numbers
+            record_evaluation(run.sampler, report)
         log(summary_table(report))
-        log(f"evaluate: {run.report_json}, {run.report_md} ({report['eval_seconds']} s)")
+        log(f"evaluate: {run.report_json}, {run.report_md} ({report['eval_seconds']} s)"
+            + (f"; model card {run.sampler / CARD}" if carded else ""))
         return report
 
     return on_rank_zero(fabric, write_report)  # a failure there stops every rank with its message

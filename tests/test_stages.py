@@ -128,7 +128,8 @@ def test_sample_outputs(smoke_run):
     assert labels.min() >= 0 and labels.max() < 10
     assert settings["temperature"] == 1.0
     assert (smoke_run / "samples" / "grid.png").is_file()
-    assert {p.name for p in (smoke_run / "sampler").iterdir()} == {"config.json", "model.safetensors", "README.md"}
+    assert {p.name for p in (smoke_run / "sampler").iterdir()} == {"config.json", "model.safetensors", "README.md",
+                                                              "samples.png"}
 
 
 def test_evaluate_report(smoke_run):

@@ -161,6 +161,12 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{v:.0%}"
 
 
+def metrics_table(report: dict) -> list[str]:
+    """The headline metrics of samples and real floor as Markdown table lines (the report and the model card)."""
+    lines = ["| metric | samples | real floor |", "|---|---|---|"]
+    return lines + [f"| {key} | {_cell(report, key)} | {_cell(report['real_floor'], key)} |" for key in SHOWN_KEYS]
+
+
 def report_markdown(report: dict, title: str, pictures: dict[str, str]) -> str:
     """The report as Markdown. ``pictures``: relative links of the ``samples``, ``reconstructions`` and
     ``codebook_usage`` images, and ``sweep`` when a sweep plot exists."""
@@ -177,11 +183,8 @@ def report_markdown(report: dict, title: str, pictures: dict[str, str]) -> str:
         f"standard deviations of FID over {report.get('bootstrap_rounds', 0)} resamplings of both sets, and the "
         "percentile interval of precision and recall over resamplings of their per-image in/out indicators.",
         "",
-        "| metric | samples | real floor |",
-        "|---|---|---|",
+        *metrics_table(report),
     ]
-    for key in SHOWN_KEYS:
-        lines.append(f"| {key} | {_cell(report, key)} | {_cell(report['real_floor'], key)} |")
     recon = report["recon"]
     lines += ["", "## Reconstruction and codebooks", "",
               f"Held-out MSE {recon['mse']:.4g} (on [-1, 1]), PSNR {recon['psnr']:.2f} dB, rFID {recon['rfid']:.4g}.",
