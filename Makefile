@@ -24,17 +24,20 @@ STAMP := $(VENV)/.installed
 # functions; CONFIG and RUN are quoted, ARGS is split on spaces on purpose
 STAGE = $(PY) -m stages.$(1) --config "$(CONFIG)" $(if $(RUN),--run "$(RUN)",) $(ARGS)
 
-.PHONY: help install emoji-data data stage1 stage2 sample evaluate sweep tensorboard test lint bench clean
+.PHONY: help install emoji-data data stage1 stage2 sample evaluate sweep demo tensorboard test lint bench clean
 
 help:
 	@sed -n '1,/^$$/p' Makefile | sed 's/^# \{0,1\}//'
-	@echo "targets: install emoji-data data stage1 stage2 sample evaluate sweep tensorboard test lint bench clean"
+	@echo "targets: install emoji-data data stage1 stage2 sample evaluate sweep demo tensorboard test lint bench clean"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e '.[dev]'
+	# clean-fid's resize is the reference of the Inception preprocessing test; without --no-deps its torchvision
+	# requirement would replace the pinned torch
+	$(PY) -m pip install --quiet --no-deps clean-fid==0.1.35
 	touch $@
 
 install: $(STAMP)
@@ -61,10 +64,15 @@ evaluate: $(STAMP)
 sweep: $(STAMP)
 	$(call STAGE,sweep)
 
+# the web page of RUN/sampler (make sample first): http://127.0.0.1:7860; ARGS="--port 7861" for other flags
+demo: $(STAMP)
+	config="$(CONFIG)"; stem="$${config##*/}"; run="$(RUN)"; \
+	$(PY) -m pipeline.demo --sampler "$${run:-runs/$${stem%.*}}/sampler" $(ARGS)
+
 # the training curves and reconstruction grids of stages 1 and 2 of the run, at http://127.0.0.1:6006
 tensorboard: $(STAMP)
-	run="$(RUN)"; $(PY) -m tensorboard.main --host 127.0.0.1 --port $(or $(PORT),6006) \
-	  --logdir "$${run:-runs/$$(basename "$(CONFIG)" .yaml)}"
+	config="$(CONFIG)"; stem="$${config##*/}"; run="$(RUN)"; \
+	$(PY) -m tensorboard.main --host 127.0.0.1 --port $(or $(PORT),6006) --logdir "$${run:-runs/$${stem%.*}}"
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -321,9 +321,29 @@ def test_inception_features_of_chelsea(inception: InceptionFeatures) -> None:
     feats = inception(raw)
     assert feats.shape == (1, 2048) and feats.dtype == torch.float32
     assert float(both[0].sum()) == pytest.approx(496.1679, abs=1e-3)
-    assert torch.allclose(feats[0], both[0], atol=1e-5)
+    # resized inside in float (not quantised): near the uint8-resized cat's features, not equal to them
+    cosine = torch.nn.functional.cosine_similarity(feats, both[:1])
+    assert 0.99 < float(cosine) and not torch.allclose(feats[0], both[0], atol=1e-5)
     as_float = pre.double() / 127.5 - 1  # [-1, 1]; quantised back to the same uint8
     assert torch.allclose(inception(as_float), both[:1], atol=1e-5)
+
+
+def test_resize_follows_clean_fid_on_a_golden_image() -> None:
+    """The preprocessing is clean-fid's "clean" protocol: its own resizer on the same image gives the same floats
+    (float32 PIL arithmetic in both; the tolerance is float32 rounding at the image's scale)."""
+    resize_mod = pytest.importorskip("cleanfid.resize")
+    from pipeline.metrics.features import resize_clean
+
+    rng = np.random.default_rng(0)
+    golden = np.zeros((37, 53, 3), np.uint8)  # a sharp-edged pattern: stripes, a square and noise
+    golden[:, ::4] = 255
+    golden[10:25, 20:40] = (200, 30, 90)
+    golden[30:] = rng.integers(0, 256, (7, 53, 3))
+    clean = resize_mod.make_resizer("PIL", False, "bicubic", (299, 299))(golden)  # (299, 299, 3) float32
+    ours = resize_clean(torch.from_numpy(golden).permute(2, 0, 1)[None])[0].permute(1, 2, 0).numpy()
+    assert ours.dtype == np.float32 and ours.shape == clean.shape
+    assert np.abs(ours - clean).max() <= 8 * np.finfo(np.float32).eps * 255
+    assert np.abs(ours - np.round(ours)).max() > 0.01  # not quantised again after the resize
 
 
 def test_inception_grey_and_eval_mode(inception: InceptionFeatures) -> None:
@@ -421,6 +441,20 @@ def test_bootstrap_intervals_cover_the_estimate_and_have_the_binomial_width():
     lo, hi = bootstrap_share(hits, rounds=4000)
     half = 1.96 * (0.3 * 0.7 / 2000) ** 0.5  # the normal approximation's half-width, 0.020
     assert lo == pytest.approx(0.3 - half, abs=0.004) and hi == pytest.approx(0.3 + half, abs=0.004)
+
+
+@pytest.mark.parametrize("n, m", [(60, 90), (90, 60), (200, 200)])
+def test_low_rank_fid_equals_torchmetrics_when_rows_are_fewer_than_dimensions(n, m):
+    """The bootstrap's FID for N < D (Inception's 2,048 dimensions) takes tr sqrt(S1 S2) from an N x N Gram
+    matrix; it is the same number torchmetrics' D x D matrix square root gives, within float64 rounding."""
+    from pipeline.metrics.uncertainty import fid_low_rank
+
+    rng = np.random.default_rng(n)
+    real = rng.normal(size=(n, 300))
+    fake = rng.normal(size=(m, 300)) @ (np.eye(300) + 0.05 * rng.normal(size=(300, 300))) + 0.1
+    reference = fid_from_features(real, fake)
+    assert fid_low_rank(real, fake) == pytest.approx(reference, rel=1e-6)
+    assert fid_low_rank(real, real + 1.0) == pytest.approx(300.0, rel=1e-6)  # a shift: only the mean term is left
 
 
 def test_precision_recall_points_are_the_indicators_behind_the_shares():

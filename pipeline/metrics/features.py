@@ -12,6 +12,11 @@ exactly 3 channels (asserted), exactly 299 x 299 (it ends in a fixed 8 x 8 avera
 resizing of its own), values in the TensorFlow range ``[-1, 0.9921875]``, i.e. ``u8 / 128 - 1`` for
 uint8 pixels ``u8`` (fid_helper's ``INPUT_RANGE_TF``). It returns (B, 2048) float32 pool3 features.
 
+The protocol around it is clean-fid's "clean" mode (G. Parmar, R. Zhang, J.-Y. Zhu, "On Aliased Resizing
+and Surprising Subtleties in GAN Evaluation", CVPR 2022): PIL bicubic resize of each channel in float,
+no quantisation after it, then ``(x - 128) / 128``, the normalisation clean-fid applies before the same
+TF-ported layers. ``tests/test_metrics.py`` checks the resize against clean-fid's own ``make_resizer``.
+
 References:
     C. Szegedy, V. Vanhoucke, S. Ioffe, J. Shlens, Z. Wojna. "Rethinking the Inception Architecture for
     Computer Vision", CVPR 2016, arXiv:1512.00567.
@@ -161,15 +166,16 @@ def _to_uint8(images: torch.Tensor) -> torch.Tensor:
     return to_uint8(images)
 
 
-def resize_bicubic_uint8(images: torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:
-    """PIL bicubic resize of (B, 3, H, W) uint8 images to (B, 3, size, size) uint8, one by one on the CPU."""
+def resize_clean(images: torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:
+    """clean-fid's "clean" resize (Parmar et al. 2022): each channel of (B, 3, H, W) uint8 images as a float PIL
+    image, bicubic to ``size`` x ``size``, clipped to [0, 255] and not quantised. Returns float32 (B, 3, size, size)
+    on the images' device; 299 x 299 images pass unchanged."""
     if images.shape[-2:] == (size, size):
-        return images
-    hwc = images.permute(0, 2, 3, 1).contiguous().cpu().numpy()  # (B, C, H, W) -> (B, H, W, C) for PIL
-    out = np.stack(
-        [np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BICUBIC)) for im in hwc]
-    )  # (B, size, size, C)
-    return torch.from_numpy(out).permute(0, 3, 1, 2).to(images.device)  # (B, size, size, C) -> (B, C, ...)
+        return images.float()
+    arr = images.cpu().numpy().astype(np.float32)
+    out = np.stack([[np.asarray(Image.fromarray(ch, mode="F").resize((size, size), Image.Resampling.BICUBIC))
+                     for ch in im] for im in arr]).clip(0, 255)  # (B, 3, size, size)
+    return torch.from_numpy(out).to(images.device)
 
 
 class InceptionFeatures(nn.Module):
@@ -177,10 +183,10 @@ class InceptionFeatures(nn.Module):
 
     ``forward`` takes (B, C, H, W) images, C in {1, 3}: uint8 in [0, 255], or float in [-1, 1] which are
     first quantised to uint8 (``round((x + 1) * 127.5)``, out-of-range values clamped). Grey images are
-    repeated to 3 channels. Images that are not 299 x 299 are resized with PIL bicubic on the uint8 RGB
-    image (the one resize method used here, on the CPU), then mapped to ``u8 / 128 - 1`` and fed to the
-    network on its device. Returns (B, 2048) float32 features. The module stays in eval mode (``train()``
-    is a no-op) since batch-norm statistics must never update.
+    repeated to 3 channels. The preprocessing is clean-fid's "clean" protocol: images that are not 299 x 299
+    are resized per channel in float with PIL bicubic (``resize_clean``, on the CPU, not quantised again), then
+    mapped to ``x / 128 - 1`` and fed to the network on its device. Returns (B, 2048) float32 features. The
+    module stays in eval mode (``train()`` is a no-op) since batch-norm statistics must never update.
 
     Heusel et al. 2017 (FID), Szegedy et al. 2016 (Inception-v3); see the module docstring.
     """
@@ -202,7 +208,7 @@ class InceptionFeatures(nn.Module):
         self.path = path
         with warnings.catch_warnings():  # torch 2.13 warns that torch.jit.load is deprecated; this file needs it
             warnings.filterwarnings(
-                "ignore", message=r".*torch\.jit\.load.* is deprecated", category=DeprecationWarning
+                "ignore", message=r".*torch\.jit\.load.* is deprecated"
             )
             self.net = torch.jit.load(str(path), map_location="cpu").eval()
 
@@ -217,7 +223,6 @@ class InceptionFeatures(nn.Module):
         u8 = _to_uint8(images)
         if u8.shape[1] == 1:
             u8 = u8.expand(-1, 3, -1, -1)  # grey (B, 1, H, W) -> (B, 3, H, W)
-        u8 = resize_bicubic_uint8(u8, INPUT_SIZE)  # (B, 3, 299, 299)
+        x = resize_clean(u8, INPUT_SIZE)  # float (B, 3, 299, 299) in [0, 255]
         device = next(self.net.parameters()).device
-        x = u8.to(device=device, dtype=torch.float32) / 128 - 1  # TF FID input range [-1, 0.9921875]
-        return self.net(x).float()  # (B, 2048)
+        return self.net(x.to(device) / 128 - 1).float()  # the TF FID input range; (B, 2048)
