@@ -101,12 +101,19 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
 
 
+ADVERSARIAL_LOSSES = ("hinge", "wgan-gp")  # stage1.adversarial_loss (pipeline.critic)
+
+
 @dataclass
 class Stage1Config(TrainConfig):
     max_steps: int = 2000
     lr: float = 1e-3
     warmup_steps: int = 50
     grid_images: int = 16  # originals/reconstructions in the PNG grid (0 = no grid)
+    adversarial_weight: float = 0.0  # weight of the VQGAN-style adversarial term x its adaptive weight (0 = off)
+    adversarial_start: int = 1000  # step from which the adversarial term trains the autoencoder (the critic: from 0)
+    adversarial_loss: str = "hinge"  # hinge | wgan-gp (gradient penalty weight 10)
+    critic_channels: int = 64  # width of the patch critic's first layer
 
 
 @dataclass
@@ -207,7 +214,8 @@ class SampleConfig:
 
 @dataclass
 class EvaluateConfig:
-    extractor: str = "domain"  # domain | inception
+    extractor: str = "inception"  # the headline's features: inception (the standard FID network) | domain
+    domain_column: bool = True  # with extractor=inception: the domain classifier's metrics beside it, per class too
     inception_path: str = ""  # local TorchScript file of the FID InceptionV3 (extractor: inception)
     k: int = 3  # neighbourhood size for precision/recall/density/coverage
     num_real: int = 0  # real images on each side of the floor and vs samples; 0 = all held-out
@@ -224,7 +232,9 @@ class SweepConfig:
     temperatures: list[float] = field(default_factory=lambda: [0.7, 0.85, 1.0, 1.15])  # each > 0, at top_p 1
     top_p: list[float] = field(default_factory=lambda: [0.8, 0.95])  # each in (0, 1), at temperature 1
     num: int = 500  # images per setting
+    guidance: list[float] = field(default_factory=lambda: [1.0, 3.0])  # each >= 0, at temperature 1 and top_p 1
     accept: list[float] = field(default_factory=lambda: [0.5, 0.25])  # rejection sampling's acceptance rates
+    extractor: str = "domain"  # domain | inception: the features the sweep scores in (domain: fast, has labels)
 
 
 @dataclass
@@ -461,6 +471,17 @@ def _check_train(name: str, t: TrainConfig) -> None:
     _check(t.seed >= 0, f"{name}.seed", t.seed, "must be >= 0")
 
 
+def _check_stage1(s: Stage1Config) -> None:
+    _check_train("stage1", s)
+    _check(s.grid_images >= 0, "stage1.grid_images", s.grid_images, "must be >= 0 (0 = no grid)")
+    _check(s.adversarial_weight >= 0, "stage1.adversarial_weight", s.adversarial_weight,
+           "must be >= 0 (0 = no adversarial term; e.g. 0.1 to switch it on)")
+    _check(s.adversarial_start >= 0, "stage1.adversarial_start", s.adversarial_start,
+           "must be >= 0 (the step from which the adversarial term trains the autoencoder)")
+    _check_choice("stage1.adversarial_loss", s.adversarial_loss, ADVERSARIAL_LOSSES)
+    _check(s.critic_channels >= 8, "stage1.critic_channels", s.critic_channels, "must be >= 8 (e.g. 64)")
+
+
 def check_sampling_settings(temperature: float, top_k: int, top_p: float, guidance: float, prefix: str = "") -> None:
     """The rules of the sampling settings, written once (the config's ``sample`` section, the sampler, the command
     line): a ValueError ``{prefix}key=value is not allowed: rule`` for the first one broken."""
@@ -530,9 +551,8 @@ def validate(cfg: Config) -> None:
     _check(v.kmeans_iters >= 0, "vqvae.kmeans_iters", v.kmeans_iters, "must be >= 0")
     _check(v.restart_after >= 0, "vqvae.restart_after", v.restart_after, "must be >= 0 (0 = never)")
 
-    _check_train("stage1", cfg.stage1)
+    _check_stage1(cfg.stage1)
     _check_train("stage2", cfg.stage2)
-    _check(cfg.stage1.grid_images >= 0, "stage1.grid_images", cfg.stage1.grid_images, "must be >= 0 (0 = no grid)")
     _check(cfg.extract.batch_size >= 1, "extract.batch_size", cfg.extract.batch_size, "must be >= 1")
     _check(cfg.extract.shard_size >= 1, "extract.shard_size", cfg.extract.shard_size, "must be >= 1")
 
@@ -561,3 +581,5 @@ def validate(cfg: Config) -> None:
     _check(all(0 < p <= 1 for p in w.top_p), "sweep.top_p", w.top_p, "values in (0, 1]")
     _check(w.num >= 1, "sweep.num", w.num, "must be >= 1")
     _check(all(0 < a < 1 for a in w.accept), "sweep.accept", w.accept, "acceptance rates in (0, 1) ([] = none)")
+    _check(all(0 <= g < math.inf for g in w.guidance), "sweep.guidance", w.guidance, "scales >= 0 and finite")
+    _check_choice("sweep.extractor", w.extractor, ("domain", "inception"))

@@ -28,12 +28,17 @@ def sweep_settings(cfg: Config) -> list[dict]:
     base = {"temperature": 1.0, "top_k": cfg.sample.top_k, "top_p": 1.0}
     out = [dict(base, temperature=t) for t in cfg.sweep.temperatures]
     out += [dict(base, top_p=p) for p in cfg.sweep.top_p if p < 1.0]
+    out += [dict(base, guidance=g) for g in cfg.sweep.guidance]
     out += [dict(base, accept=a) for a in cfg.sweep.accept]
     return out
 
 
 def vary(setting: dict) -> str:
-    return "accept" if "accept" in setting else "temperature" if setting["top_p"] == 1.0 else "top_p"
+    """The knob a setting turns: temperature, top_p, guidance or accept (the others at their base values)."""
+    for knob in ("accept", "guidance"):
+        if knob in setting:
+            return knob
+    return "temperature" if setting["top_p"] == 1.0 else "top_p"
 
 
 def run_sweep(cfg: Config, run: RunFolder) -> list[dict] | None:
@@ -43,8 +48,8 @@ def run_sweep(cfg: Config, run: RunFolder) -> list[dict] | None:
     sampler = sampler.to(fabric.device)
     data = rank_zero_first(fabric, lambda: load_image_data(cfg1.data, cache_dir=run.data_cache))
     # rank 0 trains (or loads) and caches the domain classifier, then the others load that file
-    extractor, _ = rank_zero_first(fabric, lambda: make_extractor(cfg.evaluate, run.classifier, data,
-                                                                  log=fabric.print))
+    extractor, _ = rank_zero_first(fabric, lambda: make_extractor(cfg.sweep.extractor, cfg.evaluate, run.classifier,
+                                                                  data, log=fabric.print))
     extractor.module.to(fabric.device)
     e, s = cfg.evaluate, cfg.sample
     n = min(cfg.sweep.num, len(data.train), len(data.holdout))
@@ -63,7 +68,8 @@ def run_sweep(cfg: Config, run: RunFolder) -> list[dict] | None:
         m = candidates_for(n, setting.get("accept", 1.0))  # samples drawn for n kept
         indices = shard_indices(m, fabric.global_rank, fabric.world_size)
         part = sampler.generate_samples(len(indices), setting["temperature"], setting["top_k"], setting["top_p"],
-                                        s.labels, s.guidance, s.seed, s.batch_size, indices=indices)
+                                        s.labels, setting.get("guidance", s.guidance), s.seed, s.batch_size,
+                                        indices=indices)
         pixels = torch.from_numpy(part.images).permute(0, 3, 1, 2)  # this rank's (n_rank, H, W, C) -> NCHW
         f_fake, l_fake = features_of(fabric, extractor, pixels, m, e.batch_size, "samples", sharded=True)
         labels = gather_rows(fabric, [part.labels], m)  # every rank takes part; rank 0 gets them in order
@@ -78,8 +84,9 @@ def run_sweep(cfg: Config, run: RunFolder) -> list[dict] | None:
             r["asked_class_accuracy"] = per["asked_class_accuracy"] if per else None
             results.append(r)
             asked = f", asked class {per['asked_class_accuracy']:.1%}" if per else ""
-            how = f"accept {setting['accept']:g} ({m} sampled)" if "accept" in setting else \
-                f"T={r['temperature']:g} top_p={r['top_p']:g}"
+            how = (f"accept {setting['accept']:g} ({m} sampled)" if "accept" in setting else
+                   f"guidance {setting['guidance']:g}" if "guidance" in setting else
+                   f"T={r['temperature']:g} top_p={r['top_p']:g}")
             fabric.print(f"sweep: {how}: FID {r['fid']:.3g}, precision {r['precision']:.3f}, recall "
                          f"{r['recall']:.3f}{asked}")
 

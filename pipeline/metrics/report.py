@@ -98,7 +98,8 @@ def sweep_plot(path: Path, results: list[dict], floor: dict) -> None:
 
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     series = (("temperature", "o", "#3b6ea5", "T", "varying temperature"), ("top_p", "s", "#c0504d", "p",
-              "varying top-p"), ("accept", "^", "#4f8f3a", "a", "rejection sampling, acceptance a"))
+              "varying top-p"), ("guidance", "D", "#8064a2", "g", "varying guidance"),
+              ("accept", "^", "#4f8f3a", "a", "rejection sampling, acceptance a"))
     for kind, marker, color, short, label in series:
         pts = [r for r in results if r["vary"] == kind]
         if not pts:
@@ -116,7 +117,7 @@ def sweep_plot(path: Path, results: list[dict], floor: dict) -> None:
     ax.set_ylim(max(0.0, min(ys) - 0.08), min(1.02, max(ys) + 0.08))
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
-    ax.set_title("Truncation trade-off: precision vs recall")
+    ax.set_title("Sampling knobs: precision vs recall")
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -138,13 +139,15 @@ def _fmt(v: Any) -> str:
 
 
 def summary_table(report: dict) -> str:
-    rows = [("metric", "samples", "real floor")]
+    sides = _sides(report)
+    rows = [("metric", *(n for n, _ in sides))]
     for key in SHOWN_KEYS:
-        rows.append((key, _cell(report, key), _cell(report["real_floor"], key)))
-    width = [max(len(r[i]) for r in rows) for i in range(3)]
+        rows.append((key, *(_cell(side, key) for _, side in sides)))
+    width = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, width)) for r in rows]
     recon = report["recon"]
-    lines.append(f"recon: mse {recon['mse']:.4g}, psnr {recon['psnr']:.2f} dB, rFID {recon['rfid']:.3g}; codebook "
+    rfid = f"rFID {recon['rfid']:.3g}" + (f" ({report['domain']['rfid']:.3g} domain)" if "domain" in report else "")
+    lines.append(f"recon: mse {recon['mse']:.4g}, psnr {recon['psnr']:.2f} dB, {rfid}; codebook "
                  + ", ".join(f"{n} {v['usage']:.0%} used (perplexity {v['perplexity']:.0f})"
                              for n, v in report["codebook"].items()))
     lines.append("prior NLL (bits/code): " + ", ".join(f"{k} {v:.3f}" for k, v in report["prior_nll_bits"].items()))
@@ -161,22 +164,34 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{v:.0%}"
 
 
+def _sides(report: dict) -> list[tuple[str, dict]]:
+    """(column name, metrics) of the table: the headline's samples and floor, then the domain column's if any."""
+    name = report["feature_extractor"]
+    sides = [(f"samples ({name})", report), (f"real floor ({name})", report["real_floor"])]
+    if "domain" in report:
+        sides += [("samples (domain)", report["domain"]), ("real floor (domain)", report["domain"]["real_floor"])]
+    return sides
+
+
 def metrics_table(report: dict) -> list[str]:
-    """The headline metrics of samples and real floor as Markdown table lines (the report and the model card)."""
-    lines = ["| metric | samples | real floor |", "|---|---|---|"]
-    return lines + [f"| {key} | {_cell(report, key)} | {_cell(report['real_floor'], key)} |" for key in SHOWN_KEYS]
+    """The metrics of samples and real floor, per extractor, as Markdown table lines (the report, the model card)."""
+    sides = _sides(report)
+    lines = ["| metric | " + " | ".join(n for n, _ in sides) + " |", "|---" * (len(sides) + 1) + "|"]
+    return lines + [f"| {key} | " + " | ".join(_cell(side, key) for _, side in sides) + " |" for key in SHOWN_KEYS]
 
 
 def report_markdown(report: dict, title: str, pictures: dict[str, str]) -> str:
     """The report as Markdown. ``pictures``: relative links of the ``samples``, ``reconstructions`` and
     ``codebook_usage`` images, and ``sweep`` when a sweep plot exists."""
+    domain = report.get("domain", report if report["feature_extractor"] == "domain" else {})
     lines = [
         f"# Evaluation report: {title}",
         "",
         f"{report['num_samples']} samples vs {report['num_samples']} real train images in the feature space of the "
         f"`{report['feature_extractor']}` extractor"
-        + (f" (held-out accuracy {report['classifier_heldout_accuracy']:.2%})"
-           if "classifier_heldout_accuracy" in report else "")
+        + (" (the headline), and of the `domain` classifier beside it" if "domain" in report else "")
+        + (f" (held-out accuracy {domain['classifier_heldout_accuracy']:.2%})"
+           if "classifier_heldout_accuracy" in domain else "")
         + f"; k = {report['k']} for precision/recall/density/coverage. The real floor is the same metrics for "
         f"{report['num_samples']} real held-out images against the same reference. KID is the mean ± standard "
         "deviation over 100 random subsets of half the images; [brackets] are 95% bootstrap intervals: FID ± 1.96 "
@@ -184,10 +199,14 @@ def report_markdown(report: dict, title: str, pictures: dict[str, str]) -> str:
         "percentile interval of precision and recall over resamplings of their per-image in/out indicators.",
         "",
         *metrics_table(report),
+        "",
+        *[f"- `{name}` features: {text}; {report['feature_seconds'][name]:.0f} s for this evaluation."
+          for name, text in report.get("protocol", {}).items()],
     ]
     recon = report["recon"]
+    rfid = f"rFID {recon['rfid']:.4g}" + (f" ({domain['rfid']:.4g} in the domain features)" if "rfid" in domain else "")
     lines += ["", "## Reconstruction and codebooks", "",
-              f"Held-out MSE {recon['mse']:.4g} (on [-1, 1]), PSNR {recon['psnr']:.2f} dB, rFID {recon['rfid']:.4g}.",
+              f"Held-out MSE {recon['mse']:.4g} (on [-1, 1]), PSNR {recon['psnr']:.2f} dB, {rfid}.",
               "", "| level | codes used | perplexity | prior NLL (bits/code) |", "|---|---|---|---|"]
     for name, v in report["codebook"].items():
         lines.append(f"| {name} | {v['usage']:.1%} | {v['perplexity']:.1f} | {report['prior_nll_bits'][name]:.3f} |")
