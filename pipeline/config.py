@@ -210,6 +210,8 @@ class SampleConfig:
     guidance: float = 1.0  # classifier-free guidance scale (1 = off)
     seed: int = 0  # image i depends only on (seed, i, settings); >= 0
     grid_images: int = 64  # images in grid.png (0 = no grid)
+    accept: float = 1.0  # rejection sampling: draw num / accept, keep the num most typical of their class (1 = off)
+    threshold: float = 0.0  # rejection sampling: keep samples whose asked class has this classifier probability
 
 
 @dataclass
@@ -569,6 +571,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(str(err)) from None
     _check(s.seed >= 0, "sample.seed", s.seed, "must be >= 0 (image i depends only on the seed, i and the settings)")
     _check(s.grid_images >= 0, "sample.grid_images", s.grid_images, "must be >= 0 (0 = no grid)")
+    _check(0 < s.accept <= 1, "sample.accept", s.accept, "an acceptance rate in (0, 1] (1 = no rejection)")
+    _check(0 <= s.threshold < 1, "sample.threshold", s.threshold, "a probability in [0, 1) (0 = no rejection)")
+    _check(s.accept == 1 or s.threshold == 0, "sample.threshold", s.threshold,
+           f"use sample.accept={s.accept} or sample.threshold, not both")
 
     e = cfg.evaluate
     _check_choice("evaluate.extractor", e.extractor, ("domain", "inception"))

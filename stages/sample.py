@@ -10,14 +10,18 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from pipeline.card import today
 from pipeline.checkpoint import LAST_CKPT
 from pipeline.config import Config
-from pipeline.distributed import gather_rows, on_rank_zero, shard_indices
+from pipeline.data import load_image_data
+from pipeline.distributed import gather_rows, on_rank_zero, rank_zero_first, shard_indices
 from pipeline.fabric import make_fabric
 from pipeline.images import class_rows, grid_image, labelled_grid
-from pipeline.io import atomic_save_png, atomic_savez, load_checkpoint
+from pipeline.io import UserError, atomic_save_png, atomic_savez, load_checkpoint
+from pipeline.metrics.extract import make_extractor
+from pipeline.rejection import asked_class_probability, candidates_for, select_accepted
 from pipeline.sampler import Samples
 from stages.cli import run_main, stage_parser
 from stages.runfolder import RunFolder, build_sampler, trained_checkpoint
@@ -70,6 +74,73 @@ def card_facts(run: RunFolder, cfg1: Config, sampler) -> dict:
     return facts
 
 
+MAX_ROUNDS = 20  # sample.threshold gives up after drawing num x this many candidates
+
+
+def draw(sampler, fabric, s, start: int, count: int) -> Samples | None:
+    """Images ``start .. start + count - 1`` of the stream, sampled across the ranks, gathered on rank 0 (None
+    elsewhere)."""
+    indices = [start + i for i in shard_indices(count, fabric.global_rank, fabric.world_size)]
+    part = sampler.generate_samples(len(indices), s.temperature, s.top_k, s.top_p, s.labels, s.guidance, s.seed,
+                                    s.batch_size, indices=indices, progress=fabric.global_rank == 0)
+    gathered = gather_rows(fabric, [part.images, part.labels, *part.codes], count)
+    return None if gathered is None else Samples(images=gathered[0], labels=gathered[1], codes=gathered[2:])
+
+
+def subset(samples: Samples, keep: np.ndarray) -> Samples:
+    return Samples(images=samples.images[keep], labels=samples.labels[keep], codes=[c[keep] for c in samples.codes])
+
+
+def join(parts: list[Samples]) -> Samples:
+    return Samples(images=np.concatenate([p.images for p in parts]), labels=np.concatenate([p.labels for p in parts]),
+                   codes=[np.concatenate(c) for c in zip(*(p.codes for p in parts))])
+
+
+def asked_probability(classifier, samples: Samples, batch_size: int) -> np.ndarray:
+    """The domain classifier's probability of each sample's asked class."""
+    pixels = torch.from_numpy(samples.images).permute(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
+    device = next(classifier.module.parameters()).device
+    logits = np.concatenate([classifier(pixels[i : i + batch_size].to(device))[1].float().cpu().numpy()
+                             for i in range(0, len(pixels), batch_size)])
+    return asked_class_probability(logits, samples.labels)
+
+
+def rejected(sampler, fabric, s, classifier, batch_size: int) -> tuple[Samples | None, int]:
+    """Classifier rejection sampling (VQ-VAE-2, section 4.2): with ``sample.accept``, draw num / accept candidates
+    and keep the num most typical of their asked class; with ``sample.threshold``, draw rounds of num until num
+    have the asked class's probability >= threshold (at most MAX_ROUNDS rounds). Returns (kept samples on rank 0,
+    candidates drawn)."""
+    if s.accept < 1:
+        drawn = candidates_for(s.num, s.accept)
+        cand = draw(sampler, fabric, s, 0, drawn)
+        if cand is None:
+            return None, drawn
+        return subset(cand, select_accepted(asked_probability(classifier, cand, batch_size), cand.labels, s.num)), drawn
+    kept, drawn, enough = [], 0, False
+    while not enough and drawn < s.num * MAX_ROUNDS:
+        cand = draw(sampler, fabric, s, drawn, s.num)
+        drawn += s.num
+        if cand is not None:
+            kept.append(subset(cand, asked_probability(classifier, cand, batch_size) >= s.threshold))
+        enough = fabric.broadcast(sum(len(k.labels) for k in kept) >= s.num if kept else False, src=0)
+    if not enough:
+        raise UserError(f"sample.threshold={s.threshold}: fewer than {s.num} of {drawn} samples reach it; lower "
+                        "sample.threshold, or use sample.accept for a fixed cost")
+    return (subset(join(kept), np.arange(s.num)) if kept else None), drawn
+
+
+def rejection_classifier(cfg: Config, run: RunFolder, cfg1: Config, sampler, fabric):
+    """The domain classifier of ``make evaluate`` (trained here and cached in RUN/eval/ when missing)."""
+    if not sampler.num_classes or str(cfg.sample.labels).strip().lower() == "none":
+        raise UserError("sample.accept / sample.threshold keep samples typical of their asked class: they need a "
+                        "class-conditional prior and labels (not labels=none)")
+    data = rank_zero_first(fabric, lambda: load_image_data(cfg1.data, cache_dir=run.data_cache))
+    extractor, _ = rank_zero_first(fabric, lambda: make_extractor("domain", cfg.evaluate, run.classifier, data,
+                                                                  log=fabric.print))
+    extractor.module.to(fabric.device)
+    return extractor
+
+
 def run_sample(cfg: Config, run: RunFolder) -> Samples | None:
     sampler, cfg1 = build_sampler(run)
     fabric = make_fabric(cfg.fabric)
@@ -78,12 +149,14 @@ def run_sample(cfg: Config, run: RunFolder) -> Samples | None:
     s = cfg.sample
     sampler.resolve_labels(s.labels, [0], s.seed)  # bad labels fail here, before anything is written
     sampler.sampling_defaults, sampler.card = settings, card_facts(run, cfg1, sampler)
-    indices = shard_indices(s.num, fabric.global_rank, fabric.world_size)
+    rejecting = s.accept < 1 or s.threshold > 0
+    classifier = rejection_classifier(cfg, run, cfg1, sampler, fabric) if rejecting else None
     start = time.perf_counter()
-    part = sampler.generate_samples(len(indices), s.temperature, s.top_k, s.top_p, s.labels, s.guidance, s.seed,
-                                    s.batch_size, indices=indices, progress=fabric.global_rank == 0)
-    gathered = gather_rows(fabric, [part.images, part.labels, *part.codes], s.num)
-    samples = None if gathered is None else Samples(images=gathered[0], labels=gathered[1], codes=gathered[2:])
+    if rejecting:
+        samples, drawn = rejected(sampler, fabric, s, classifier, cfg.evaluate.batch_size)
+        settings = {**settings, "accept": s.accept, "threshold": s.threshold, "candidates": drawn}
+    else:
+        samples, drawn = draw(sampler, fabric, s, 0, s.num), s.num
     elapsed = time.perf_counter() - start
 
     def write() -> None:  # rank 0 only
@@ -97,6 +170,10 @@ def run_sample(cfg: Config, run: RunFolder) -> Samples | None:
             atomic_save_png(run.sample_grid, grid)
         sampler.save_pretrained(run.sampler)
         written = f"{run.samples_npz}" + (f", {run.sample_grid}" if grid is not None else "")
+        if rejecting:
+            fabric.print(f"rejection: kept {s.num} of {drawn} samples ({s.num / drawn:.0%}, "
+                         + (f"accept {s.accept:g}" if s.accept < 1 else f"threshold {s.threshold:g}")
+                         + f"), {drawn / s.num:.2f} sampled per kept image")
         fabric.print(f"sample: {s.num} images in {elapsed:.1f} s ({s.num / elapsed:.0f} img/s) -> {written}; "
                      f"sampler exported to {run.sampler}")
 

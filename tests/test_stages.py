@@ -449,3 +449,44 @@ def test_inception_headline_with_the_domain_column(smoke_run, tmp_path):
     md = (run_dir / "eval" / "report.md").read_text()
     assert "| metric | samples (inception) | real floor (inception) | samples (domain) | real floor (domain) |" in md
     assert "`inception` features: Inception-v3 pool3" in md
+
+
+def test_rejection_sampling_in_the_sample_stage(smoke_run, tmp_path, capsys):
+    """sample.accept keeps the most typical num of num / accept candidates, class by class; sample.threshold keeps
+    the first num candidates whose asked class reaches the threshold; both by the domain classifier of evaluate."""
+    from pipeline.config import load_config
+    from pipeline.data import load_image_data
+    from pipeline.metrics.extract import make_extractor
+    from pipeline.rejection import asked_class_probability, select_accepted
+    from pipeline.sampler import Sampler
+    from tests.conftest import SMOKE, assert_same_draws
+
+    run_dir = copy_run(smoke_run, tmp_path / "run")
+    assert run(sample, run_dir, "sample.accept=0.5") == 0
+    assert "rejection: kept 40 of 80 samples (50%, accept 0.5), 2.00 sampled per kept image" in capsys.readouterr().out
+    with np.load(run_dir / "samples" / "samples.npz") as z:
+        kept = {k: z[k] for k in z.files}
+    assert json.loads(str(kept["settings"]))["candidates"] == 80 and len(kept["images"]) == 40
+    cfg = load_config(SMOKE)
+    classifier, _ = make_extractor("domain", cfg.evaluate, run_dir / "eval" / "classifier.ckpt",
+                                   load_image_data(cfg.data))
+    exported = Sampler.from_pretrained(run_dir / "sampler")
+    cand = exported.generate_samples(80, seed=cfg.sample.seed)  # the stream the stage drew its candidates from
+    prob = asked_class_probability(classifier(torch.from_numpy(cand.images).permute(0, 3, 1, 2))[1].numpy(),
+                                   cand.labels)
+    chosen = select_accepted(prob, cand.labels, 40)
+    assert_same_draws([kept["codes_top"], kept["codes_bottom"]], [c[chosen] for c in cand.codes])
+    assert np.array_equal(np.bincount(kept["labels"], minlength=10),  # half of each asked class, up to rounding
+                          np.bincount(cand.labels[chosen], minlength=10))
+
+    assert run(sample, run_dir, "sample.threshold=0.2") == 0
+    with np.load(run_dir / "samples" / "samples.npz") as z:
+        images, labels = z["images"], z["labels"]
+    got = asked_class_probability(classifier(torch.from_numpy(images).permute(0, 3, 1, 2))[1].numpy(), labels)
+    assert len(images) == 40 and (got >= 0.2 - 1e-4).all()  # every kept sample passes (within float rounding)
+    before = (run_dir / "samples" / "samples.npz").read_bytes()
+    assert run(sample, run_dir, "sample.threshold=0.999") == 2  # too strict: nothing written
+    assert "sample.threshold=0.999: fewer than 40 of 800 samples reach it" in capsys.readouterr().err
+    assert (run_dir / "samples" / "samples.npz").read_bytes() == before
+    assert run(sample, run_dir, "sample.accept=0.5", "sample.labels=none") == 2
+    assert "need a class-conditional prior and labels" in capsys.readouterr().err
