@@ -477,7 +477,7 @@ def _check_stage1(s: Stage1Config) -> None:
     _check_train("stage1", s)
     _check(s.grid_images >= 0, "stage1.grid_images", s.grid_images, "must be >= 0 (0 = no grid)")
     _check(s.adversarial_weight >= 0, "stage1.adversarial_weight", s.adversarial_weight,
-           "must be >= 0 (0 = no adversarial term; e.g. 0.1 to switch it on)")
+           "must be >= 0 (0 = no adversarial term; e.g. 0.8 to switch it on)")
     _check(s.adversarial_start >= 0, "stage1.adversarial_start", s.adversarial_start,
            "must be >= 0 (the step from which the adversarial term trains the autoencoder)")
     _check_choice("stage1.adversarial_loss", s.adversarial_loss, ADVERSARIAL_LOSSES)

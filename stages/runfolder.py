@@ -25,6 +25,7 @@ import numpy as np
 from pipeline.checkpoint import BEST_CKPT, LAST_CKPT
 from pipeline.codes import CodeSet, file_sha256, load_manifest
 from pipeline.config import Config, config_from_dict
+from pipeline.critic import vqvae_state_dict
 from pipeline.io import UserError, load_checkpoint
 from pipeline.priors import Prior, normalize_spec, prior_from_spec
 from pipeline.sampler import Sampler
@@ -93,14 +94,16 @@ def check_resumable(last: Path, differences: list[str], what: str, stage: str) -
 
 
 def load_vqvae(run: RunFolder, map_location: str = "cpu") -> tuple[VQVAE2, Config, Path]:
-    """The trained stage-1 model, rebuilt from the config stored in its checkpoint; its config and path."""
+    """The trained stage-1 model, rebuilt from the config stored in its checkpoint; its config and path. A run with
+    the adversarial term (``stage1.adversarial_weight > 0``) checkpointed the VQ-VAE-2 and its critic together:
+    only the VQ-VAE-2 is loaded, so no later stage or export holds the critic."""
     path = trained_checkpoint(run.stage1)
     if path is None:
         raise UserError(f"no stage-1 checkpoint in {run.stage1}; {run_first(run, 'stage1')}")
     ckpt = load_checkpoint(path, map_location)
     cfg = config_from_dict(ckpt["meta"]["config"])
     model = VQVAE2(cfg.vqvae, in_channels=cfg.data.channels)
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(vqvae_state_dict(ckpt["model"]))
     return model.eval(), cfg, path
 
 

@@ -8,9 +8,11 @@ import sys
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from pipeline.checkpoint import LAST_CKPT
-from pipeline.config import Config, config_diff, save_config
+from pipeline.config import Config, config_diff, config_from_dict, save_config
+from pipeline.critic import AdversarialVQVAE, PatchCritic
 from pipeline.data import ImageSet, augment, load_image_data, to_float, to_uint8
 from pipeline.distributed import on_rank_zero, rank_zero_first
 from pipeline.fabric import log_image, make_fabric, make_loggers
@@ -42,16 +44,50 @@ def save_reconstructions(fabric, path: Path, model, holdout: ImageSet, n: int, s
     on_rank_zero(fabric, write)
 
 
+def adversarial_logs(out, loss: str) -> dict[str, torch.Tensor]:
+    """The adversarial term's training logs: its weight (0 before adversarial_start), both losses, the critic's mean
+    logit on originals and reconstructions, and the gradient penalty with wgan-gp."""
+    logs = {"adv_weight": out.adv_weight, "g_loss": out.g_loss, "d_loss": out.d_loss,
+            "logits_real": out.logits_real, "logits_fake": out.logits_fake}
+    if loss == "wgan-gp":
+        logs["gradient_penalty"] = out.penalty
+    return logs
+
+
 def no_labels(cfg: Config) -> None:
     raise UserError(f"prior.class_conditional=true but the data has no labels (data.source={cfg.data.source}); "
                     "set prior.class_conditional=false, or give the images class folders")
+
+
+def stage1_model(cfg: Config) -> nn.Module:
+    """The VQ-VAE-2, or with ``stage1.adversarial_weight > 0`` the VQ-VAE-2 and its patch critic as one module
+    (checkpoint keys ``vqvae.*`` and ``critic.*``; ``stages.runfolder.load_vqvae`` takes the ``vqvae.*`` part)."""
+    vqvae = VQVAE2(cfg.vqvae, in_channels=cfg.data.channels)
+    s = cfg.stage1
+    if s.adversarial_weight == 0:
+        return vqvae
+    critic = PatchCritic(cfg.data.channels, s.critic_channels)
+    return AdversarialVQVAE(vqvae, critic, s.adversarial_loss, s.adversarial_weight)
+
+
+def critic_changes(trained_for: dict, cfg: Config) -> list[str]:
+    """What a resume cannot change because the critic is part of the checkpointed model: switching it on or off,
+    and its width. (Its weight, start and loss are training settings: a resume applies and reports them.)"""
+    old, new = config_from_dict(trained_for).stage1, cfg.stage1
+    if (old.adversarial_weight > 0) != (new.adversarial_weight > 0):
+        return [f"stage1.adversarial_weight: {old.adversarial_weight!r} -> {new.adversarial_weight!r} switches the "
+                f"critic {'on' if new.adversarial_weight > 0 else 'off'}"]
+    if new.adversarial_weight > 0 and old.critic_channels != new.critic_channels:
+        return [f"stage1.critic_channels: {old.critic_channels!r} -> {new.critic_channels!r}"]
+    return []
 
 
 def run_stage1(cfg: Config, run: RunFolder, fresh: bool = False) -> dict[str, float]:
     last = run.stage1 / LAST_CKPT
     if last.exists() and not fresh:
         trained_for = load_checkpoint(last)["meta"]["config"]
-        check_resumable(last, config_diff(trained_for, cfg.to_dict(), STAGE1_KEYS), "config", "stage1")
+        changes = config_diff(trained_for, cfg.to_dict(), STAGE1_KEYS) + critic_changes(trained_for, cfg)
+        check_resumable(last, changes, "config", "stage1")
     if cfg.prior.class_conditional and has_labels(cfg.data) is False:
         no_labels(cfg)
     fabric = make_fabric(cfg.fabric, loggers=make_loggers(run.stage1))
@@ -67,10 +103,18 @@ def run_stage1(cfg: Config, run: RunFolder, fresh: bool = False) -> dict[str, fl
                      f"({data.holdout_source}), {data.image_size}px x {data.channels}ch{classes}; run folder {run}")
     augmented = cfg.data.hflip or cfg.data.crop_scale < 1
     torch.manual_seed(cfg.stage1.seed)
-    model = VQVAE2(cfg.vqvae, in_channels=cfg.data.channels)
-    n_params = sum(p.numel() for p in model.parameters())
-    fabric.print(f"VQ-VAE-2: {n_params / 1e6:.2f}M parameters, grids {model.grid_shapes(cfg.data.image_size)} "
+    model = stage1_model(cfg)
+    adversarial = isinstance(model, AdversarialVQVAE)
+    vqvae = model.vqvae if adversarial else model
+    n_params = sum(p.numel() for p in vqvae.parameters())
+    fabric.print(f"VQ-VAE-2: {n_params / 1e6:.2f}M parameters, grids {vqvae.grid_shapes(cfg.data.image_size)} "
                  f"(top first), {cfg.vqvae.codebook_size} codes x {cfg.vqvae.code_dim} per level")
+    if adversarial:
+        s = cfg.stage1
+        n_critic = sum(p.numel() for p in model.critic.parameters())
+        fabric.print(f"adversarial term: {s.adversarial_loss} patch critic ({n_critic / 1e6:.2f}M parameters, trained "
+                     f"from step 0), weight {s.adversarial_weight:g} x the adaptive weight from step "
+                     f"{s.adversarial_start}")
     names = level_names(cfg.vqvae.levels)
 
     def training_step(fabric, model, batch, step):
@@ -80,10 +124,12 @@ def run_stage1(cfg: Config, run: RunFolder, fresh: bool = False) -> dict[str, fl
             x = augment(x, cfg.data.hflip, cfg.data.crop_scale)
         if cfg.stage1.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        out = model(x)
+        out = model(x, generator=step >= cfg.stage1.adversarial_start) if adversarial else model(x)
         logs = {"recon_mse": out.recon_loss.detach()}
         for name, u, p in zip(names, out.usage, out.perplexity):
             logs[f"usage_{name}"], logs[f"perplexity_{name}"] = u, p
+        if adversarial:
+            logs.update(adversarial_logs(out, cfg.stage1.adversarial_loss))
         return out.loss, logs
 
     def validate(fabric, model, step):
@@ -94,7 +140,7 @@ def run_stage1(cfg: Config, run: RunFolder, fresh: bool = False) -> dict[str, fl
 
     task = Task(model=model, train_set=data.train, training_step=training_step, validate=validate,
                 best_metric="mse", units="img", num_workers=cfg.data.num_workers,
-                progress_keys=tuple(f"usage_{n}" for n in names),
+                progress_keys=tuple(f"usage_{n}" for n in names) + (("adv_weight",) if adversarial else ()),
                 meta={"config": cfg.to_dict(), "num_classes": data.num_classes, "class_names": data.class_names,
                       "stage": "stage1"})
     metrics = fit(fabric, task, cfg.stage1, run.stage1, fresh=fresh, desc="stage 1")
