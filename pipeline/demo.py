@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from pipeline.generate import SAMPLER_HELP
 from pipeline.images import grid_image
 from pipeline.io import UserError, atomic_save_png, atomic_savez, debug_requested, os_error_message, report_errors
 
@@ -299,7 +300,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "images by class, temperature, top-k, top-p, guidance and seed, and reconstruct your own image files "
         "through its VQ-VAE with their code grids shown. Runs offline; stop it with Ctrl+C.",
         epilog="example: python -m pipeline.demo --sampler runs/mnist/sampler, then open http://127.0.0.1:7860")
-    parser.add_argument("--sampler", required=True, help="exported sampler folder (e.g. runs/mnist/sampler)")
+    parser.add_argument("--sampler", required=True, help=SAMPLER_HELP)
     parser.add_argument("--port", type=int, default=None,
                         help=f"port to serve on (default: $GRADIO_SERVER_PORT, else {DEFAULT_PORT})")
     parser.add_argument("--host", default="127.0.0.1",
