@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from bench.common import ROOT, Context, Result, Row, failure
+from pipeline.card import cpu_name
 
 
 def _prdc(ctx: Context) -> Result:
@@ -86,22 +87,12 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment(ctx: Context) -> dict[str, Any]:
     env: dict[str, Any] = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
         "device": str(ctx.device),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": ctx.threads,
         "threads_forced": ctx.threads_forced,
