@@ -47,6 +47,19 @@ def make_fabric(cfg: FabricConfig, loggers: list | None = None, launch: bool = T
     return fabric
 
 
+def close_distributed(ok: bool = True) -> None:
+    """End a multi-process run: wait for every rank (``ok``; after a failure the others may never arrive), then
+    destroy the process group. A process that exits with it alive leaves Gloo's worker threads to the interpreter's
+    teardown, which aborts some runs with "terminate called without an active exception" (SIGABRT)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if ok:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def make_loggers(log_dir: Path) -> list:
     """CSV (``log_dir/logs/``) and TensorBoard (``log_dir/tensorboard/``, read by ``make tensorboard``) loggers."""
     from lightning_fabric.loggers import CSVLogger

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.config import PRIOR_NETS, Config, load_config
+from pipeline.fabric import close_distributed
 from pipeline.io import debug_requested, report_errors
 from stages.runfolder import RunFolder
 from stages.runlock import rank_zero_of_launch, run_folder_lock
@@ -107,7 +108,7 @@ def run_main(fn: Callable[[Config, RunFolder, argparse.Namespace], None], parser
     args = parser.parse_args(argv)
     args.fresh = getattr(args, "fresh", False)
 
-    def main() -> None:
+    def stage() -> None:
         cfg = load_config(Path(args.config).expanduser(), args.overrides)
         run = RunFolder(Path(args.run).expanduser() if args.run else default_run_dir(args.config))
         if not rank_zero_of_launch():  # the launcher's other processes share rank 0's run
@@ -115,5 +116,13 @@ def run_main(fn: Callable[[Config, RunFolder, argparse.Namespace], None], parser
             return
         with run_folder_lock(run.root):
             fn(cfg, run, args)
+
+    def main() -> None:
+        try:
+            stage()
+        except BaseException:
+            close_distributed(ok=False)
+            raise
+        close_distributed()
 
     return report_errors(main, debug_requested(args))

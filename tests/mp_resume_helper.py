@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from pipeline.config import FabricConfig, TrainConfig
-from pipeline.fabric import make_fabric
+from pipeline.fabric import close_distributed, make_fabric
 from pipeline.io import load_checkpoint
 from pipeline.training import Task, fit
 
@@ -64,7 +64,7 @@ def main() -> None:
             "stopped_at": stopped_at, "steps": [a["step"], b["step"]],
             "equal": all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]),
             "rng_ranks": list(b.get("rng_ranks", {}).get("torch", torch.empty(0)).shape)}))
-    fabric.barrier()
+    close_distributed()
 
 
 if __name__ == "__main__":

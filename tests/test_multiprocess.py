@@ -125,6 +125,28 @@ def test_cuda_devices_that_do_not_exist_are_refused():
         make_fabric(FabricConfig(accelerator="cuda", devices=2))
 
 
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_stage_destroys_its_process_group_on_the_way_out(tmp_path, fails):
+    """A process that exits with its Gloo process group alive can abort in the interpreter's teardown
+    ("terminate called without an active exception"): every stage command destroys it, after a failure too."""
+    import torch.distributed as dist
+
+    from stages.cli import run_main, stage_parser
+
+    def fn(cfg, run, args):
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        if fails:
+            raise UserError("a user error inside the stage")
+
+    try:
+        code = run_main(fn, stage_parser("stage1", "test", ("fabric",)), ["--config", SMOKE, "--run", str(tmp_path)])
+        assert (code != 0) == fails
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 class FakeRank:
     """The part of Fabric that ``on_rank_zero`` uses, for one rank of two; ``broadcast`` hands rank 1 what rank 0
     sent (run rank 0 first)."""
