@@ -1,0 +1,98 @@
+"""The GPU plan on paper (pipeline/plan.py, python -m pipeline.plan): its formulas against real models, caches and
+FLOP counts of tiny instances, and the printed plan of every preset it is meant for."""
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from pipeline import plan
+from pipeline.config import load_config
+from pipeline.plan_report import main
+from pipeline.priors import build_prior
+from pipeline.sampling import image_uniforms, sample_level
+from pipeline.vqvae import VQVAE2
+from tests.conftest import SMOKE
+
+
+@pytest.mark.parametrize("config,overrides", [("configs/mnist.yaml", []), (SMOKE, ["prior.top.kind=pixelcnn"]),
+                                              (SMOKE, ["vqvae.levels=3", "data.image_size=32", "vqvae.strides=[2,2,4]",
+                                                       "prior.levels.middle1.n_layer=2", "prior.cond_window=2"])])
+def test_plan_prints_every_table(config, overrides, capsys):
+    assert main(["--config", config, *overrides]) == 0
+    out = capsys.readouterr().out
+    for title in ("## Levels and sequences", "## Training memory per GPU", "## Training throughput",
+                  "## Sampling memory and speed"):
+        assert title in out
+    assert out.count("| stage 2 ") == 3 * load_config(config, overrides[:2]).vqvae.levels  # memory: DDP, FSDP; speed
+    assert "MFU 0.4" in out and "989 TFLOP/s" in out  # the assumptions are printed with the figures
+    for line in out.splitlines():  # the formula's count equals the model built on the meta device, where it can
+        if (line.startswith("| VQ-VAE") or " prior (" in line) and "n/a" not in line:
+            cells = [c.strip() for c in line.split("|")]
+            assert cells[-3] == cells[-2], line
+
+
+@pytest.mark.parametrize("override,named", [("vqvae.strides=[4,3]", "vqvae.strides"),
+                                            ("prior.levels.middle.n_layer=2", "prior.levels"),
+                                            ("prior.levels.bottom.n_embd=30", "prior.levels.bottom.n_embd"),
+                                            ("prior.cond_window=-1", "prior.cond_window"),
+                                            ("stage2.batch=3", "stage2.batch")])
+def test_bad_plan_override_is_one_error_line(override, named, capsys):
+    assert main(["--config", SMOKE, override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and named in err and "\n" not in err
+
+
+@pytest.mark.parametrize("overrides", [
+    [],  # the smoke config's GPTs, class-conditional
+    ["prior.top.arch=llama", "prior.bottom.arch=llama", "prior.bottom.n_embd=48"],
+    ["prior.top.kind=pixelcnn", "prior.top.channels=16", "prior.top.layers=2",
+     "prior.bottom.kind=pixelcnn", "prior.bottom.channels=8", "prior.bottom.layers=3", "prior.bottom.kernel_size=3"],
+    ["vqvae.levels=3", "data.image_size=32", "vqvae.quantizer=loss", "prior.class_conditional=false"],
+])
+def test_parameter_formulas_equal_the_built_models(overrides):
+    cfg = load_config(SMOKE, overrides)
+    num_classes = 10 if cfg.prior.class_conditional else 0
+    for shape in plan.prior_shapes(cfg, num_classes):
+        net = plan.level_net(cfg, shape.name)
+        cond = (shape.cond_side,) * 2 if shape.cond_side else None
+        prior = build_prior(net, (shape.side,) * 2, shape.num_codes, num_classes, cond, shape.cond_num_codes)
+        assert plan.plan_prior(net, shape).params == sum(p.numel() for p in prior.parameters()), shape.name
+    model = VQVAE2(cfg.vqvae, cfg.data.channels)
+    assert plan.plan_stage1(cfg).params == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("levels,size", [(1, 16), (2, 16), (3, 32)])
+def test_vqvae_walk_matches_the_forward_pass(levels, size):
+    """FLOPs as torch's counter counts them (convolutions and the code distances) and every conv/ReLU output."""
+    cfg = load_config(SMOKE, [f"vqvae.levels={levels}", f"data.image_size={size}"])
+    model = VQVAE2(cfg.vqvae, cfg.data.channels).eval()
+    outputs = []
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.ReLU)):
+            m.register_forward_hook(lambda _m, _i, out: outputs.append(out[0].numel()))  # one image: out[0]
+    with FlopCounterMode(display=False) as counter:
+        model(torch.rand(2, cfg.data.channels, size, size) * 2 - 1)
+    walk = plan.vqvae_layers(cfg)
+    assert sum(x.outputs for x in walk) == sum(outputs)
+    assert plan.plan_stage1(cfg).flops == 3 * counter.get_total_flops() // 2  # per image, training = 3 x forward
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_kv_cache_formula_equals_a_real_guided_cache(arch, monkeypatch):
+    """The cache of a bottom prior sampled with classifier-free guidance: every position fed, twice the rows."""
+    cfg = load_config(SMOKE, [f"prior.bottom.arch={arch}"])
+    top, bottom = plan.prior_shapes(cfg, 3)
+    net = plan.level_net(cfg, "bottom")
+    prior = build_prior(net, (bottom.side,) * 2, bottom.num_codes, 3, (top.side,) * 2, top.num_codes).eval()
+    states = []
+    begin = prior.begin
+    monkeypatch.setattr(prior, "begin", lambda *a, **k: states.append(begin(*a, **k)) or states[-1])
+    batch = 3
+    sample_level(prior, image_uniforms(0, 1, range(batch), bottom.tokens), labels=torch.tensor([0, 1, 2]),
+                 cond_codes=torch.randint(0, top.num_codes, (batch, top.side, top.side)), guidance=2.0)
+    cache = states[0].past
+    real = sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values))
+    dtype_bytes = next(prior.parameters()).element_size()
+    assert real == plan.kv_cache_bytes(net.n_layer, net.n_embd, bottom.positions, dtype_bytes, sequences=2 * batch)
+    assert plan.plan_prior(net, bottom).kv == plan.kv_cache_bytes(net.n_layer, net.n_embd, bottom.positions, 2)
