@@ -8,14 +8,44 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline import plan
 from pipeline.config import load_config
-from pipeline.plan_report import main
+from pipeline.plan_report import load_plan_config, main
 from pipeline.priors import build_prior
 from pipeline.sampling import image_uniforms, sample_level
 from pipeline.vqvae import VQVAE2
 from tests.conftest import SMOKE
 
+FFHQ_PENDING = ["vqvae.strides=[8,2,2]", "prior.levels.middle1.kind=gpt", "prior.levels.middle1.arch=llama",
+                "prior.levels.middle1.n_layer=16", "prior.levels.middle1.n_embd=1024",
+                "prior.levels.middle1.n_head=16"]  # the pending keys of configs/ffhq1024.yaml's comment block
 
-@pytest.mark.parametrize("config,overrides", [("configs/mnist.yaml", []), (SMOKE, ["prior.top.kind=pixelcnn"]),
+
+def test_plan_presets_load_with_todays_config():
+    imagenet = load_config("configs/imagenet256.yaml")
+    assert (imagenet.data.image_size, imagenet.data.channels, imagenet.vqvae.levels) == (256, 3, 2)
+    assert imagenet.prior.class_conditional
+    ffhq = load_config("configs/ffhq1024.yaml")
+    assert (ffhq.data.image_size, ffhq.vqvae.levels, ffhq.prior.class_conditional) == (1024, 3, False)
+    for cfg in (imagenet, ffhq):
+        f = cfg.fabric
+        assert (f.accelerator, f.devices, f.strategy, f.precision) == ("cuda", 8, "fsdp", "bf16-mixed")
+
+
+def test_grids_and_sequences_of_the_presets():
+    imagenet, _ = load_plan_config("configs/imagenet256.yaml", [])
+    shapes = plan.prior_shapes(imagenet, 1000)
+    assert [(s.side, s.prefix, s.positions) for s in shapes] == [(32, 1, 1024), (64, 1 + 1024, 5120)]
+    windowed, pending = load_plan_config("configs/imagenet256.yaml", ["prior.cond_window=8"])
+    assert pending == ["prior.cond_window=8"]  # not a key of today's config: set for the plan only
+    assert [s.positions for s in plan.prior_shapes(windowed, 1000)] == [1024, 4096]
+    ffhq, _ = load_plan_config("configs/ffhq1024.yaml", FFHQ_PENDING)
+    assert plan.grid_sides(ffhq) == [32, 64, 128]  # the paper's grids; today's strides give 64, 128, 256
+    assert plan.grid_sides(load_config("configs/ffhq1024.yaml")) == [64, 128, 256]
+    assert plan.level_net(ffhq, "middle1").n_layer == 16 and plan.level_net(ffhq, "bottom").n_layer == 8
+    assert [s.positions for s in plan.prior_shapes(ffhq, 0)] == [1024, 5120, 4096 + 16384]
+
+
+@pytest.mark.parametrize("config,overrides", [("configs/imagenet256.yaml", []), ("configs/ffhq1024.yaml", FFHQ_PENDING),
+                                              ("configs/mnist.yaml", []), (SMOKE, ["prior.top.kind=pixelcnn"]),
                                               (SMOKE, ["vqvae.levels=3", "data.image_size=32", "vqvae.strides=[2,2,4]",
                                                        "prior.levels.middle1.n_layer=2", "prior.cond_window=2"])])
 def test_plan_prints_every_table(config, overrides, capsys):
@@ -24,7 +54,8 @@ def test_plan_prints_every_table(config, overrides, capsys):
     for title in ("## Levels and sequences", "## Training memory per GPU", "## Training throughput",
                   "## Sampling memory and speed"):
         assert title in out
-    assert out.count("| stage 2 ") == 3 * load_config(config, overrides[:2]).vqvae.levels  # memory: DDP, FSDP; speed
+    levels = load_plan_config(config, overrides)[0].vqvae.levels
+    assert out.count("| stage 2 ") == 3 * levels  # memory: DDP and FSDP; throughput
     assert "MFU 0.4" in out and "989 TFLOP/s" in out  # the assumptions are printed with the figures
     for line in out.splitlines():  # the formula's count equals the model built on the meta device, where it can
         if (line.startswith("| VQ-VAE") or " prior (" in line) and "n/a" not in line:
