@@ -42,7 +42,8 @@ MFU = 0.4  # model FLOPs utilisation assumed for training
 GPU_GIB = 80  # memory per GPU
 RESERVE_GIB = 4  # CUDA context, allocator fragmentation and NCCL buffers, kept free
 BF16, FP32 = 2, 4  # bytes
-TRAIN_STATE_BYTES = 16  # per parameter: fp32 weights (the master copy) 4 + fp32 gradients 4 + AdamW moments 8
+WEIGHT_BYTES, GRAD_BYTES, ADAMW_BYTES = 4, 4, 8  # per parameter: fp32 weights (the master copy), fp32 gradients,
+# AdamW's two fp32 moments (autocast mixed precision keeps the weights in fp32: no separate master copy)
 DDP_EXTRA_BYTES = 6  # per parameter: DDP's fp32 gradient buckets 4 + autocast's cached bf16 weights 2
 FSDP_GATHER_BYTES = 4  # per parameter, whole model (one FSDP unit): bf16 gathered weights 2 + bf16 gradients 2
 ACT_COEF = {"gpt2": 34, "llama": 40}  # bytes per position x width x block (Korthikanti et al. 2022, flash attn)
@@ -340,23 +341,24 @@ class Assumptions:
         return [f"GPU: {self.gpus} x {self.gpu.upper()} {self.gpu_gib:g} GiB, bf16 dense peak "
                 f"{PEAK_TFLOPS[self.gpu]:g} TFLOP/s, HBM {HBM_TBPS[self.gpu]:g} TB/s; MFU {self.mfu:g} (training); "
                 f"{RESERVE_GIB} GiB kept free per GPU",
-                f"training bytes per parameter: {TRAIN_STATE_BYTES} (fp32 weights + fp32 grads + AdamW 2 fp32 moments)"
-                f"; DDP +{DDP_EXTRA_BYTES} (fp32 grad buckets, autocast bf16 weights); FSDP /GPUs + "
-                f"{FSDP_GATHER_BYTES} (whole model gathered in bf16, bf16 grads)",
-                f"activations: {ACT_COEF} bytes x positions x width x blocks (flash attention), logits "
-                f"{LOGIT_BYTES} B each; VQ-VAE: bf16 conv/ReLU outputs + fp32 code distances; PixelCNN "
-                f"{PIXELCNN_ACT_MAPS} maps of C per layer",
+                f"training bytes per parameter: fp32 weights {WEIGHT_BYTES} + fp32 grads {GRAD_BYTES} + AdamW "
+                f"{ADAMW_BYTES} (2 fp32 moments); DDP +{DDP_EXTRA_BYTES} (fp32 grad buckets, autocast bf16 weights); "
+                f"FSDP shards the first three over the GPUs, +{FSDP_GATHER_BYTES} (whole model gathered in bf16, "
+                "bf16 grads: pipeline.fabric sets no auto-wrap policy)",
+                "activations: " + " / ".join(f"{c} ({arch})" for arch, c in ACT_COEF.items()) + " bytes x positions "
+                f"x width x blocks (flash attention) + logits {LOGIT_BYTES} B each; VQ-VAE: bf16 conv/ReLU outputs + "
+                f"fp32 code distances; PixelCNN {PIXELCNN_ACT_MAPS} maps of C per layer. (ckpt) = activation "
+                "checkpointing per block, which the training loop does not do yet",
                 "FLOPs: 6 N S + 12 L d S^2 per image (PaLM's MFU convention), VQ-VAE 3 x forward conv FLOPs; "
                 f"epoch = {self.epoch_images:,} images"]
 
 
 def train_memory(params: int, act_per_image: float, batch: int, gpus: int, strategy: str) -> dict[str, float]:
-    """Bytes per GPU for training, by part."""
-    if strategy == "ddp":
-        state, extra = TRAIN_STATE_BYTES * params, DDP_EXTRA_BYTES * params
-    else:
-        state, extra = TRAIN_STATE_BYTES * params / gpus, FSDP_GATHER_BYTES * params
-    return {"weights+grads+AdamW": state, "buckets/gathered": extra, "activations": act_per_image * batch}
+    """Bytes per GPU for training, by part: DDP keeps everything on every GPU, FSDP shards the fp32 state."""
+    shards = 1 if strategy == "ddp" else gpus
+    extra = (DDP_EXTRA_BYTES if strategy == "ddp" else FSDP_GATHER_BYTES) * params
+    return {"weights": WEIGHT_BYTES * params / shards, "grads": GRAD_BYTES * params / shards,
+            "adamw": ADAMW_BYTES * params / shards, "extra": extra, "activations": act_per_image * batch}
 
 
 def images_per_second(flops_per_image: float, a: Assumptions) -> float:

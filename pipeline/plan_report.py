@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 from pipeline.config import Config, load_config, parse_override
@@ -47,7 +47,9 @@ def dataset_defaults(cfg: Config) -> tuple[int, int]:
 
 
 def _gib(x: float) -> str:
-    return f"{x / GIB:.1f}" if x >= 10 * GIB else f"{x / GIB:.3g}"
+    if x >= 10 * GIB:
+        return f"{x / GIB:.1f}"
+    return f"{x / GIB:.2f}" if x >= 0.01 * GIB else "< 0.01"
 
 
 def _count(n: float) -> str:
@@ -81,36 +83,51 @@ def _levels_table(cfg: Config, s1: Stage1Plan, priors: list[PriorPlan]) -> list[
                    "positions, windowed", "params (formula)", "params (built, meta)"], rows)
 
 
-def _stages(cfg: Config, s1: Stage1Plan, priors: list[PriorPlan]) -> list[tuple]:
-    """(name, params, FLOPs/image, act/image, act ckpt/image, train config) per training run."""
-    return [("stage 1 VQ-VAE", s1.params, s1.flops, s1.act, None, cfg.stage1)] + \
-        [(f"stage 2 {p.shape.name}", p.params, p.flops, p.act, p.act_ckpt, cfg.stage2) for p in priors]
+@dataclass
+class _Run:
+    """One training run of the plan: stage 1, or one prior of stage 2 (figures per image)."""
+
+    name: str
+    params: int
+    flops: float
+    act: float
+    act_ckpt: float | None  # None: no per-block checkpointing to speak of (the VQ-VAE)
+    train: Any  # the stage1 / stage2 config section
+    tokens: int = 0  # codes per image (priors)
+
+
+def _runs(cfg: Config, s1: Stage1Plan, priors: list[PriorPlan]) -> list[_Run]:
+    return [_Run("stage 1 VQ-VAE", s1.params, s1.flops, s1.act, None, cfg.stage1)] + \
+        [_Run(f"stage 2 {p.shape.name}", p.params, p.flops, p.act, p.act_ckpt, cfg.stage2, p.shape.tokens)
+         for p in priors]
 
 
 def _memory_table(cfg: Config, s1: Stage1Plan, priors: list[PriorPlan], a: Assumptions) -> list[str]:
     usable, rows = (a.gpu_gib - RESERVE_GIB) * GIB, []
-    for name, params, _, act, act_ckpt, train in _stages(cfg, s1, priors):
+    fits = lambda x: "" if x == "" else _gib(x) + ("" if x <= usable else " (over)")  # noqa: E731
+    for r in _runs(cfg, s1, priors):
+        batch = r.train.batch_size
         for strategy in ("ddp", "fsdp"):
-            mem = train_memory(params, act, train.batch_size, a.gpus, strategy)
+            mem = train_memory(r.params, r.act, batch, a.gpus, strategy)
             total = sum(mem.values())
-            ckpt = "" if act_ckpt is None else total - mem["activations"] + act_ckpt * train.batch_size
-            fits = lambda x: "" if x == "" else _gib(x) + ("" if x <= usable else " (over)")  # noqa: E731
-            rows.append([name, strategy, train.batch_size, _gib(mem["weights+grads+AdamW"]),
-                         _gib(mem["buckets/gathered"]), _gib(mem["activations"]), fits(total),
-                         "" if act_ckpt is None else _gib(act_ckpt * train.batch_size), fits(ckpt)])
-    return _table(["stage", "strategy", "batch/GPU", "weights+grads+AdamW", "DDP buckets / FSDP gathered",
+            ckpt = "" if r.act_ckpt is None else total - mem["activations"] + r.act_ckpt * batch
+            rows.append([r.name, strategy, batch] + [_gib(mem[k]) for k in ("weights", "grads", "adamw", "extra",
+                                                                              "activations")]
+                        + [fits(total), "" if r.act_ckpt is None else _gib(r.act_ckpt * batch), fits(ckpt)])
+    return _table(["stage", "strategy", "batch/GPU", "weights", "grads", "AdamW", "DDP buckets / FSDP gathered",
                    "activations", "total", "activations (ckpt)", "total (ckpt)"], rows)
 
 
 def _throughput_table(cfg: Config, s1: Stage1Plan, priors: list[PriorPlan], a: Assumptions) -> list[str]:
     rows = []
-    for name, params, flops, _, _, train in _stages(cfg, s1, priors):
-        rate = images_per_second(flops, a)
-        global_batch = train.batch_size * a.gpus * train.grad_accum
+    for r in _runs(cfg, s1, priors):
+        rate = images_per_second(r.flops, a)
+        global_batch = r.train.batch_size * a.gpus * r.train.grad_accum
         epoch = _duration(a.epoch_images / rate) if a.epoch_images else "n/a"
-        rows.append([name, _count(params), f"{flops:.3g}", f"{rate:,.0f}", epoch, global_batch,
-                     f"{train.max_steps:,}", _duration(train.max_steps * global_batch / rate)])
-    return _table(["stage", "params", "train FLOPs/image", f"images/s on {a.gpus} GPUs", "epoch",
+        rows.append([r.name, _count(r.params), f"{r.flops:.3g}", f"{rate:,.0f}",
+                     f"{rate * r.tokens:,.0f}" if r.tokens else "", epoch, global_batch, f"{r.train.max_steps:,}",
+                     _duration(r.train.max_steps * global_batch / rate)])
+    return _table(["stage", "params", "train FLOPs/image", f"images/s on {a.gpus} GPUs", "codes/s", "epoch",
                    "global batch", "max_steps", "max_steps time"], rows)
 
 
