@@ -11,9 +11,11 @@ or a flag, and the printed plan lists them. The formulas, per image (micro-batch
 * transformer training FLOPs: ``6 N S + 12 L d S^2`` with N the weights of matmuls (blocks + head): the
   6 N S of Kaplan et al. 2020 plus attention counted over the whole sequence as in PaLM's MFU (Chowdhery et
   al. 2022, app. B).
-* transformer activations: ``c S d L`` bytes (Korthikanti et al. 2022, 16-bit, flash attention so no S^2
-  term; c = 34 for gpt2, 40 for llama's wider SwiGLU MLP), plus the logits; with activation checkpointing per
-  block ``2 S d L + c S d`` (block inputs plus one block recomputed).
+* transformer activations: ``c S d L`` bytes plus the logits. Korthikanti et al. 2022 give c = 34 for a
+  model run wholly in 16 bits with flash attention; under autocast (``bf16-mixed``) the residual stream and the
+  norms stay in fp32, and the saved tensors of this code's priors measure c = 60 (gpt2, +2 for its dropout
+  masks) and 56 (llama) on CPU autocast with flash attention (tests/test_plan.py checks it). With activation
+  checkpointing per block: ``4 S d L + c S d`` (fp32 block inputs plus one block recomputed).
 * KV cache for sampling: ``2 L S d`` values per sequence (keys and values of every position fed), twice the
   sequences with classifier-free guidance (``pipeline.sampling``).
 * VQ-VAE: every convolution walked as ``pipeline.vqvae`` builds it (``vqvae_layers``): parameters, FLOPs
@@ -46,7 +48,8 @@ WEIGHT_BYTES, GRAD_BYTES, ADAMW_BYTES = 4, 4, 8  # per parameter: fp32 weights (
 # AdamW's two fp32 moments (autocast mixed precision keeps the weights in fp32: no separate master copy)
 DDP_EXTRA_BYTES = 6  # per parameter: DDP's fp32 gradient buckets 4 + autocast's cached bf16 weights 2
 FSDP_GATHER_BYTES = 4  # per parameter, whole model (one FSDP unit): bf16 gathered weights 2 + bf16 gradients 2
-ACT_COEF = {"gpt2": 34, "llama": 40}  # bytes per position x width x block (Korthikanti et al. 2022, flash attn)
+ACT_COEF = {"gpt2": 62, "llama": 56}  # saved bytes per position x width x block under bf16 autocast (measured)
+CKPT_INPUT_BYTES = 4  # per position x width x block with activation checkpointing: the fp32 residual stream
 LOGIT_BYTES = 10  # per logit: bf16 output 2 + fp32 copy for the cross-entropy 4 + its gradient 4
 PIXELCNN_ACT_MAPS = 16  # feature maps of C channels a gated layer keeps for backward (bf16), rough
 PENDING_KEYS = ("vqvae.strides", "prior.levels", "prior.cond_window", "sample.max_kv_gib")  # being added
@@ -169,7 +172,7 @@ def plan_prior(net, s: PriorShape) -> PriorPlan:
         flops = 6 * (matmul - s.vocab * d) * n + 6 * s.vocab * d * s.tokens + 12 * layers * d * n * n
         logits = s.tokens * s.vocab * LOGIT_BYTES  # the network's logits cover the whole vocabulary
         coef = ACT_COEF[net.arch]
-        act, act_ckpt = coef * n * d * layers + logits, 2 * n * d * layers + coef * n * d + logits
+        act, act_ckpt = coef * n * d * layers + logits, CKPT_INPUT_BYTES * n * d * layers + coef * n * d + logits
         return PriorPlan(s, net, params, flops, act, act_ckpt, kv_cache_bytes(layers, d, n, BF16))
     params = pixelcnn_params(net, s)
     c, n = net.channels, s.tokens
@@ -346,9 +349,9 @@ class Assumptions:
                 f"FSDP shards the first three over the GPUs, +{FSDP_GATHER_BYTES} (whole model gathered in bf16, "
                 "bf16 grads: pipeline.fabric sets no auto-wrap policy)",
                 "activations: " + " / ".join(f"{c} ({arch})" for arch, c in ACT_COEF.items()) + " bytes x positions "
-                f"x width x blocks (flash attention) + logits {LOGIT_BYTES} B each; VQ-VAE: bf16 conv/ReLU outputs + "
-                f"fp32 code distances; PixelCNN {PIXELCNN_ACT_MAPS} maps of C per layer. (ckpt) = activation "
-                "checkpointing per block, which the training loop does not do yet",
+                f"x width x blocks (bf16 autocast, flash attention) + logits {LOGIT_BYTES} B each; VQ-VAE: bf16 "
+                f"conv/ReLU outputs + fp32 code distances; PixelCNN {PIXELCNN_ACT_MAPS} maps of C per layer. "
+                "(ckpt) = activation checkpointing per block, which the training loop does not do yet",
                 "FLOPs: 6 N S + 12 L d S^2 per image (PaLM's MFU convention), VQ-VAE 3 x forward conv FLOPs; "
                 f"epoch = {self.epoch_images:,} images"]
 

@@ -1,6 +1,8 @@
 """The GPU plan on paper (pipeline/plan.py, python -m pipeline.plan): its formulas against real models, caches and
 FLOP counts of tiny instances, and the printed plan of every preset it is meant for."""
 
+from functools import partial
+
 import pytest
 import torch
 from torch import nn
@@ -127,3 +129,47 @@ def test_kv_cache_formula_equals_a_real_guided_cache(arch, monkeypatch):
     dtype_bytes = next(prior.parameters()).element_size()
     assert real == plan.kv_cache_bytes(net.n_layer, net.n_embd, bottom.positions, dtype_bytes, sequences=2 * batch)
     assert plan.plan_prior(net, bottom).kv == plan.kv_cache_bytes(net.n_layer, net.n_embd, bottom.positions, 2)
+
+
+def _saved_bytes(fn, params) -> int:
+    """Bytes of the tensors autograd saves for backward while ``fn`` runs under CPU bf16 autocast (parameters
+    excluded, each storage counted once)."""
+    seen, skip = {}, {p.untyped_storage().data_ptr() for p in params}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        fn()
+    return sum(n for ptr, n in seen.items() if ptr not in skip)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_transformer_activation_coefficient_matches_saved_tensors(arch):
+    """Bytes saved per position x width x block, from two depths (what the rest of the model saves cancels); the
+    bf16 weight copies autocast saves are subtracted. A modelling estimate: within 10%."""
+    batch, width, saved = 8, 96, {}
+    for layers in (1, 3):
+        cfg = load_config(SMOKE, ["data.image_size=32", f"prior.bottom.arch={arch}", f"prior.bottom.n_layer={layers}",
+                                  f"prior.bottom.n_embd={width}", "prior.bottom.n_head=4"])
+        top, bottom = plan.prior_shapes(cfg, 10)
+        net = plan.level_net(cfg, "bottom")
+        prior = build_prior(net, (bottom.side,) * 2, bottom.num_codes, 10, (top.side,) * 2, top.num_codes).train()
+        inputs = (torch.randint(0, bottom.num_codes, (batch, bottom.side, bottom.side)),
+                  torch.randint(0, 10, (batch,)), torch.randint(0, top.num_codes, (batch, top.side, top.side)))
+        saved[layers] = _saved_bytes(partial(prior, *inputs), prior.parameters())
+        per_block_weights = (plan.gpt_params(net, bottom)[1] - bottom.vocab * width) // layers
+    per_block = (saved[3] - saved[1]) / 2 - plan.BF16 * per_block_weights
+    coef = per_block / (batch * bottom.positions * width)
+    assert abs(coef - plan.ACT_COEF[arch]) < 0.1 * plan.ACT_COEF[arch], coef
+
+
+def test_vqvae_activation_estimate_matches_saved_tensors():
+    """Conv and ReLU outputs in bf16 plus the transient code distances: within 25% of what autograd saves."""
+    cfg = load_config(SMOKE, ["data.image_size=64", "data.channels=3", "vqvae.levels=3"])
+    model = VQVAE2(cfg.vqvae, 3).eval()  # eval: no k-means init; autograd saves the same tensors
+    batch = 4
+    x = torch.rand(batch, 3, 64, 64) * 2 - 1
+    per_image = _saved_bytes(lambda: model(x).loss, model.parameters()) / batch
+    assert 0.75 < per_image / plan.plan_stage1(cfg).act < 1.25
