@@ -15,9 +15,10 @@ or a flag, and the printed plan lists them. The formulas, per image (micro-batch
   model run wholly in 16 bits with flash attention; under autocast (``bf16-mixed``) the residual stream and the
   norms stay in fp32, and the saved tensors of this code's priors measure c = 60 (gpt2, +2 for its dropout
   masks) and 56 (llama) on CPU autocast with flash attention (tests/test_plan.py checks it). With activation
-  checkpointing per block: ``4 S d L + c S d`` (fp32 block inputs plus one block recomputed).
+  checkpointing per block: ``4 S d L + c S d`` (fp32 block inputs plus one block recomputed). A gated
+  PixelCNN saves 32 bytes per position x channel x layer (measured 31).
 * KV cache for sampling: ``2 L S d`` values per sequence (keys and values of every position fed), twice the
-  sequences with classifier-free guidance (``pipeline.sampling``).
+  sequences with classifier-free guidance (``pipeline.sampling``); a PixelCNN keeps a few rows per layer.
 * VQ-VAE: every convolution walked as ``pipeline.vqvae`` builds it (``vqvae_layers``): parameters, FLOPs
   ``2 x outputs x c_in x k^2`` (input positions for a transposed convolution, as ``torch.utils.flop_counter``
   counts), activations = every convolution and ReLU output; training = 3 x forward.
@@ -51,12 +52,12 @@ FSDP_GATHER_BYTES = 4  # per parameter, whole model (one FSDP unit): bf16 gather
 ACT_COEF = {"gpt2": 62, "llama": 56}  # saved bytes per position x width x block under bf16 autocast (measured)
 CKPT_INPUT_BYTES = 4  # per position x width x block with activation checkpointing: the fp32 residual stream
 LOGIT_BYTES = 10  # per logit: bf16 output 2 + fp32 copy for the cross-entropy 4 + its gradient 4
-PIXELCNN_ACT_MAPS = 16  # feature maps of C channels a gated layer keeps for backward (bf16), rough
+PIXELCNN_ACT_COEF = 32  # saved bytes per position x channel x gated layer under bf16 autocast (measured: 31)
 PENDING_KEYS = ("vqvae.strides", "prior.levels", "prior.cond_window", "sample.max_kv_gib")  # being added
 
 
 # ---------------------------------------------------------------------------------------------------------
-# the config's geometry: the two functions to switch to the real accessors once the pending keys land
+# the config's geometry: the functions to switch to the real accessors once the pending keys land
 
 
 def level_strides(cfg: Config) -> list[int]:
@@ -177,9 +178,20 @@ def plan_prior(net, s: PriorShape) -> PriorPlan:
     params = pixelcnn_params(net, s)
     c, n = net.channels, s.tokens
     flops = 6 * (params - s.num_codes * c) * n  # every conv weight at every position: an upper bound
-    act = PIXELCNN_ACT_MAPS * c * n * net.layers * BF16 + s.tokens * s.num_codes * LOGIT_BYTES
-    state = (net.cond_channels * n + net.layers * (c * net.kernel_size // 2 + 6 * c) * s.side) * BF16
-    return PriorPlan(s, net, params, flops, act, act, state)
+    act = PIXELCNN_ACT_COEF * c * n * net.layers + s.tokens * s.num_codes * LOGIT_BYTES
+    return PriorPlan(s, net, params, flops, act, act, pixelcnn_state_bytes(net, s, BF16))
+
+
+def pixelcnn_state_bytes(net, s: PriorShape, dtype_bytes: int) -> int:
+    """Bytes of a PixelCNN's row-cached sampling state per sequence (``pipeline.priors.pixelcnn._SamplingState``):
+    the canvas (int64), the conditioning features, the label biases, and per layer the last k // 2 input rows,
+    the current row's vertical-to-horizontal input and its gate biases."""
+    c, layers, width, cond = net.channels, net.layers, s.side, bool(s.cond_side)
+    per_layer_row = c * (net.kernel_size // 2) * width + 2 * c * width
+    gate_bias_row = 4 * c * (width if cond else 1) if cond or s.num_classes else 0
+    elements = (net.cond_channels * s.tokens if cond else 0) + (layers * 4 * c if s.num_classes else 0) \
+        + layers * (per_layer_row + gate_bias_row)
+    return elements * dtype_bytes + 8 * s.tokens
 
 
 def kv_cache_bytes(layers: int, n_embd: int, length: int, dtype_bytes: int, sequences: int = 1) -> int:
@@ -350,7 +362,7 @@ class Assumptions:
                 "bf16 grads: pipeline.fabric sets no auto-wrap policy)",
                 "activations: " + " / ".join(f"{c} ({arch})" for arch, c in ACT_COEF.items()) + " bytes x positions "
                 f"x width x blocks (bf16 autocast, flash attention) + logits {LOGIT_BYTES} B each; VQ-VAE: bf16 "
-                f"conv/ReLU outputs + fp32 code distances; PixelCNN {PIXELCNN_ACT_MAPS} maps of C per layer. "
+                f"conv/ReLU outputs + fp32 code distances; PixelCNN {PIXELCNN_ACT_COEF} x positions x C x layers. "
                 "(ckpt) = activation checkpointing per block, which the training loop does not do yet",
                 "FLOPs: 6 N S + 12 L d S^2 per image (PaLM's MFU convention), VQ-VAE 3 x forward conv FLOPs; "
                 f"epoch = {self.epoch_images:,} images"]

@@ -145,24 +145,28 @@ def _saved_bytes(fn, params) -> int:
     return sum(n for ptr, n in seen.items() if ptr not in skip)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_transformer_activation_coefficient_matches_saved_tensors(arch):
+@pytest.mark.parametrize("kind,arch", [("gpt", "gpt2"), ("gpt", "llama"), ("pixelcnn", "")])
+def test_activation_coefficient_matches_saved_tensors(kind, arch):
     """Bytes saved per position x width x block, from two depths (what the rest of the model saves cancels); the
     bf16 weight copies autocast saves are subtracted. A modelling estimate: within 10%."""
     batch, width, saved = 8, 96, {}
     for layers in (1, 3):
-        cfg = load_config(SMOKE, ["data.image_size=32", f"prior.bottom.arch={arch}", f"prior.bottom.n_layer={layers}",
-                                  f"prior.bottom.n_embd={width}", "prior.bottom.n_head=4"])
+        net_keys = [f"prior.bottom.arch={arch}", f"prior.bottom.n_layer={layers}", f"prior.bottom.n_embd={width}",
+                    "prior.bottom.n_head=4"] if kind == "gpt" else \
+            ["prior.bottom.kind=pixelcnn", f"prior.bottom.layers={layers}", f"prior.bottom.channels={width}"]
+        cfg = load_config(SMOKE, ["data.image_size=32", *net_keys])
         top, bottom = plan.prior_shapes(cfg, 10)
         net = plan.level_net(cfg, "bottom")
         prior = build_prior(net, (bottom.side,) * 2, bottom.num_codes, 10, (top.side,) * 2, top.num_codes).train()
         inputs = (torch.randint(0, bottom.num_codes, (batch, bottom.side, bottom.side)),
                   torch.randint(0, 10, (batch,)), torch.randint(0, top.num_codes, (batch, top.side, top.side)))
         saved[layers] = _saved_bytes(partial(prior, *inputs), prior.parameters())
-        per_block_weights = (plan.gpt_params(net, bottom)[1] - bottom.vocab * width) // layers
+        per_block_weights = (plan.gpt_params(net, bottom)[1] - bottom.vocab * width) // layers if kind == "gpt" \
+            else sum(p.numel() for p in prior.blocks[0].parameters())
     per_block = (saved[3] - saved[1]) / 2 - plan.BF16 * per_block_weights
-    coef = per_block / (batch * bottom.positions * width)
-    assert abs(coef - plan.ACT_COEF[arch]) < 0.1 * plan.ACT_COEF[arch], coef
+    coef = per_block / (batch * (bottom.positions if kind == "gpt" else bottom.tokens) * width)
+    expected = plan.ACT_COEF[arch] if kind == "gpt" else plan.PIXELCNN_ACT_COEF
+    assert abs(coef - expected) < 0.1 * expected, coef
 
 
 def test_vqvae_activation_estimate_matches_saved_tensors():
@@ -173,3 +177,25 @@ def test_vqvae_activation_estimate_matches_saved_tensors():
     x = torch.rand(batch, 3, 64, 64) * 2 - 1
     per_image = _saved_bytes(lambda: model(x).loss, model.parameters()) / batch
     assert 0.75 < per_image / plan.plan_stage1(cfg).act < 1.25
+
+
+@pytest.mark.parametrize("num_classes,conditioned", [(10, True), (0, True), (10, False), (0, False)])
+def test_pixelcnn_state_formula_equals_the_real_sampling_state(num_classes, conditioned):
+    cfg = load_config(SMOKE, ["data.image_size=32", "prior.bottom.kind=pixelcnn", "prior.bottom.channels=16",
+                              "prior.bottom.layers=3", "prior.bottom.cond_channels=8"])
+    top, bottom = plan.prior_shapes(cfg, num_classes)
+    if not conditioned:
+        bottom = plan.PriorShape("bottom", bottom.side, bottom.num_codes, num_classes)
+    net = plan.level_net(cfg, "bottom")
+    cond = (top.side,) * 2 if conditioned else None
+    prior = build_prior(net, (bottom.side,) * 2, bottom.num_codes, num_classes, cond, bottom.cond_num_codes).eval()
+    batch = 3
+    labels = torch.arange(batch) if num_classes else None
+    with torch.no_grad():
+        state = prior.begin(batch, labels, torch.randint(0, top.num_codes, (batch, *cond)) if cond else None)
+        prev = None
+        for t in range(bottom.side + 2):  # past the first row: every per-layer row buffer exists
+            prev = prior.step(state, t, prev).argmax(-1)
+    parts = [getattr(state, f) for f in ("canvas", "cond_feat", "label_bias", "bias_row")]
+    real = sum(x.nbytes for x in parts if x is not None) + sum(x.nbytes for x in state.v_windows + state.v2h_row)
+    assert real == batch * plan.pixelcnn_state_bytes(net, bottom, dtype_bytes=4)
