@@ -37,12 +37,12 @@ from pipeline.plan import (
 )
 
 DATASETS = {"imagenet": (1_281_167, 1000), "ffhq": (70_000, 0), "cifar10": (50_000, 10), "fashion": (60_000, 10),
-            "mnist_5k": (4_000, 10)}  # (training images, classes) by a word of data.name or data.path
+            "mnist_5k": (4_000, 10)}  # (training images, classes) by a word of data.name (hub, embedded) or data.path
 
 
 def dataset_defaults(cfg: Config) -> tuple[int, int]:
     """(training images, classes) of a known dataset, else (0, 0): pass --epoch-images and --classes."""
-    where = f"{cfg.data.name} {cfg.data.path}".lower()
+    where = (cfg.data.name if cfg.data.source in ("hub", "embedded") else cfg.data.path).lower()
     return next((v for word, v in DATASETS.items() if word in where), (0, 0))
 
 
@@ -76,10 +76,12 @@ def _levels_table(cfg: Config, s1: Stage1Plan, priors: list[PriorPlan]) -> list[
         desc = f"{net.kind} {net.arch} {net.n_layer}x{net.n_embd}" if net.kind == "gpt" else \
             f"pixelcnn {net.layers}x{net.channels}"
         pending = s.window and "cond_window" not in {f.name for f in fields(type(cfg.prior))}
-        rows.append([f"{s.name} prior ({desc})", f"{s.side}x{s.side}", f"{s.tokens:,}", f"{s.prefix:,}",
-                     f"{s.positions:,}", f"{s.tokens:,}" if s.cond_side else "", f"{p.params:,}",
+        gpt = net.kind == "gpt"  # a PixelCNN reads the upper grid through its conditioning network: no prefix
+        rows.append([f"{s.name} prior ({desc})", f"{s.side}x{s.side}", f"{s.tokens:,}", f"{s.prefix:,}" if gpt else "",
+                     f"{s.positions if gpt else s.tokens:,}", f"{s.tokens:,}" if s.cond_side and gpt else "",
+                     f"{p.params:,}",
                      "n/a (prior.cond_window not in the code yet)" if pending else f"{built_prior_params(net, s):,}"])
-    return _table(["model", "grid", "tokens/image", "prefix (class + upper grid)", "positions = KV length",
+    return _table(["model", "grid", "tokens/image", "prefix (class + upper grid)", "positions (= KV length)",
                    "positions, windowed", "params (formula)", "params (built, meta)"], rows)
 
 
@@ -104,7 +106,10 @@ def _runs(cfg: Config, s1: Stage1Plan, priors: list[PriorPlan]) -> list[_Run]:
 
 def _memory_table(cfg: Config, s1: Stage1Plan, priors: list[PriorPlan], a: Assumptions) -> list[str]:
     usable, rows = (a.gpu_gib - RESERVE_GIB) * GIB, []
-    fits = lambda x: "" if x == "" else _gib(x) + ("" if x <= usable else " (over)")  # noqa: E731
+
+    def fits(x: float | str) -> str:
+        return "" if x == "" else _gib(x) + ("" if x <= usable else " (over)")
+
     for r in _runs(cfg, s1, priors):
         batch = r.train.batch_size
         for strategy in ("ddp", "fsdp"):
@@ -140,7 +145,8 @@ def _sampling_table(cfg: Config, s1: Stage1Plan, priors: list[PriorPlan], a: Ass
     for p in priors:
         most = int((usable - weights) // (p.kv * factor))
         total = weights + p.kv * factor * batch
-        rows.append([p.shape.name, f"{batch} x {factor}", f"{p.shape.positions:,}", f"{p.kv / 2**20:.1f}",
+        length = f"{p.shape.positions:,}" if p.net.kind == "gpt" else "rows"
+        rows.append([p.shape.name, f"{batch} x {factor}", length, f"{p.kv / 2**20:.1f}",
                      _gib(p.kv * factor * batch), _gib(total) + ("" if total <= usable else " (over)"), f"{most:,}"])
     rate = a.gpus / decode_seconds_per_image(priors, batch, guided, a)
     source = f"sample.max_kv_gib={cfg.sample.max_kv_gib:g}" if getattr(cfg.sample, "max_kv_gib", 0) else \
@@ -159,10 +165,14 @@ def plan_text(cfg: Config, a: Assumptions, source: str = "", pending: list[str] 
     priors = [plan_prior(level_net(cfg, s.name), s) for s in prior_shapes(cfg, num_classes)]
     head = [f"# GPU plan for {source or 'the config'}: {cfg.data.image_size} px, {cfg.vqvae.levels} levels, "
             f"strides {level_strides(cfg)} (bottom first), cond_window {cond_window(cfg)}, "
-            f"{num_classes} classes", ""] + [f"- {line}" for line in a.lines()]
+            f"{num_classes} classes" + (" (class-conditional, but how many classes? --classes N)"
+                                          if cfg.prior.class_conditional and not num_classes else ""), ""] \
+        + [f"- {line}" for line in a.lines()]
     pixels = a.epoch_images * cfg.data.channels * cfg.data.image_size**2
-    head.append(f"- prepared data (uint8 pixels, RUN/data): {pixels / 1e9:,.0f} GB on disk for {a.epoch_images:,} "
-                "images; stage 1's FLOP rate is an upper bound (small convolutions and data loading limit it first)")
+    disk = f"{pixels / 1e9:,.1f} GB on disk for {a.epoch_images:,} images" if a.epoch_images else \
+        "unknown dataset size (--epoch-images N)"
+    head.append(f"- prepared data (uint8 pixels, RUN/data): {disk}; stage 1's FLOP rate is an upper bound (small "
+                "convolutions and data loading limit it first)")
     if pending:
         head.append(f"- pending keys (not in pipeline/config.py yet, used by this plan only): {' '.join(pending)}")
     return "\n".join(head + ["", "## Levels and sequences", ""] + _levels_table(cfg, s1, priors)

@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline import plan
 from pipeline.config import load_config
-from pipeline.plan_report import load_plan_config, main
+from pipeline.plan_report import dataset_defaults, load_plan_config, main
 from pipeline.priors import build_prior
 from pipeline.sampling import image_uniforms, sample_level
 from pipeline.vqvae import VQVAE2
@@ -30,6 +30,12 @@ def test_plan_presets_load_with_todays_config():
     for cfg in (imagenet, ffhq):
         f = cfg.fabric
         assert (f.accelerator, f.devices, f.strategy, f.precision) == ("cuda", 8, "fsdp", "bf16-mixed")
+
+
+def test_dataset_sizes_by_name_or_folder():
+    assert dataset_defaults(load_config("configs/imagenet256.yaml")) == (1_281_167, 1000)
+    assert dataset_defaults(load_config("configs/ffhq1024.yaml")) == (70_000, 0)
+    assert dataset_defaults(load_config("configs/emoji.yaml")) == (0, 0)  # a folder: its name field is not its data
 
 
 def test_grids_and_sequences_of_the_presets():
