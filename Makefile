@@ -24,11 +24,11 @@ STAMP := $(VENV)/.installed
 # functions; CONFIG and RUN are quoted, ARGS is split on spaces on purpose
 STAGE = $(PY) -m stages.$(1) --config "$(CONFIG)" $(if $(RUN),--run "$(RUN)",) $(ARGS)
 
-.PHONY: help install emoji-data data stage1 stage2 sample evaluate sweep demo tensorboard test lint bench clean
+.PHONY: help install emoji-data data stage1 stage2 sample evaluate sweep demo tensorboard plan test lint bench clean
 
 help:
 	@sed -n '1,/^$$/p' Makefile | sed 's/^# \{0,1\}//'
-	@echo "targets: install emoji-data data stage1 stage2 sample evaluate sweep demo tensorboard test lint bench clean"
+	@echo "targets: install emoji-data data stage1 stage2 sample evaluate sweep demo tensorboard plan test lint bench clean"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -73,6 +73,10 @@ demo: $(STAMP)
 tensorboard: $(STAMP)
 	config="$(CONFIG)"; stem="$${config##*/}"; run="$(RUN)"; \
 	$(PY) -m tensorboard.main --host 127.0.0.1 --port $(or $(PORT),6006) --logdir "$${run:-runs/$${stem%.*}}"
+
+# CONFIG's GPU plan on paper: memory per GPU, throughput, sampling (ARGS: key=value, --gpu a100, --mfu 0.3, ...)
+plan: $(STAMP)
+	$(PY) -m pipeline.plan --config "$(CONFIG)" $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
