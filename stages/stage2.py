@@ -86,7 +86,7 @@ def run_stage2(cfg: Config, run: RunFolder, fresh: bool = False) -> dict:
     grids, k, sha = manifest["grids"], manifest["num_codes"], manifest["stage1_sha256"]
     summary: dict = {"stage1_sha256": sha, "levels": {}}
     for level, name in enumerate(names):
-        net = cfg.prior.top if level == 0 else cfg.prior.bottom
+        net = cfg.prior.net_for(name)
         spec = prior_spec(net, grids[level], k, num_classes, grids[level - 1] if level else None, k if level else 0)
         last = run.prior(name) / LAST_CKPT
         if last.exists() and not fresh:

@@ -1,0 +1,105 @@
+"""Code-grid geometry: per-level strides of the VQ-VAE (``vqvae.strides``) and per-level prior networks
+(``prior.levels``), checked from the config down to a sampled image."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import ConfigError, GPTPriorConfig, PixelCNNPriorConfig, VQVAEConfig, load_config
+from pipeline.vqvae import VQVAE2
+from stages import sample, stage1, stage2
+from tests.conftest import run
+
+
+def tiny_vqvae(levels: int, strides: list[int]) -> VQVAE2:
+    return VQVAE2(VQVAEConfig(levels=levels, strides=strides, channels=16, res_channels=8, res_blocks=1,
+                              codebook_size=16, code_dim=8, kmeans_init=False, restart_after=0))
+
+
+@pytest.mark.parametrize("levels,strides,size,grids", [
+    (2, [], 32, [(4, 4), (8, 8)]),  # the default geometry: bottom 1/4, then halved
+    (3, [2, 2, 2], 16, [(2, 2), (4, 4), (8, 8)]),
+    (2, [8, 2], 64, [(4, 4), (8, 8)]),  # a high-resolution bottom grid kept small
+    (2, [2, 4], 32, [(4, 4), (16, 16)]),
+    (1, [8], 32, [(4, 4)]),
+])
+def test_strides_set_the_grids_and_the_model_follows(levels, strides, size, grids):
+    model = tiny_vqvae(levels, strides)
+    x = torch.rand(2, 1, size, size) * 2 - 1
+    out = model(x)
+    assert model.grid_shapes(size) == grids
+    assert [tuple(c.shape[1:]) for c in out.codes] == grids
+    assert out.reconstruction.shape == x.shape
+    assert model.cfg.downsample == size // grids[0][0]
+    with torch.no_grad():
+        assert model.decode_codes(model.encode(x)).shape == x.shape
+
+
+def test_default_strides_are_the_explicit_vqvae2_ones():
+    """strides=[] and [4, 2, 2] build the same modules (so checkpoints of either load into the other)."""
+    a, b = tiny_vqvae(3, []).state_dict(), tiny_vqvae(3, [4, 2, 2]).state_dict()
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["vqvae.strides=[4]"], "vqvae.strides=[4] is not allowed: give one stride per level (vqvae.levels=2), bottom "
+                            "first, e.g. [4, 2], or [] for that"),
+    (["vqvae.strides=[4, 3]"], "vqvae.strides[1]=3 is not allowed: each stride must be a power of two >= 2"),
+    (["vqvae.strides=[1, 2]"], "vqvae.strides[0]=1 is not allowed: each stride must be a power of two >= 2"),
+    (["vqvae.strides=[8, 4]"], "data.image_size=16 is not allowed: must be divisible by the total downsampling the "
+                               "product of vqvae.strides [8, 4] = 32 (e.g. 32)"),
+    (["vqvae.strides=4"], "vqvae.strides=4: expected a list of int"),
+    (["prior.levels.middle1.n_layer=2"], "prior.levels='middle1' is not allowed: a level of vqvae.levels=2 is named "
+                                         "one of top, bottom"),
+    (["prior.levels.bottom.kind=pixelcnn", "prior.levels.bottom.n_layer=2"],
+     "prior.levels.bottom.n_layer is a gpt setting but prior.levels.bottom.kind=pixelcnn"),
+    (["prior.levels.top.n_embd=30"], "prior.levels.top.n_embd=30 is not allowed: must be a positive multiple of"),
+    (["prior.levels=3"], "prior.levels=3: expected a mapping"),
+])
+def test_bad_geometry_is_one_line(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/smoke.yaml", overrides)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_net_for_picks_the_named_level_else_top_or_bottom():
+    cfg = load_config("configs/smoke.yaml", ["vqvae.levels=3", "vqvae.strides=[2, 2, 2]",
+                                              "prior.levels.middle1.kind=pixelcnn", "prior.levels.middle1.layers=2"])
+    p = cfg.prior
+    assert p.net_for("top") is p.top and p.net_for("bottom") is p.bottom
+    assert isinstance(p.net_for("middle1"), PixelCNNPriorConfig) and p.net_for("middle1").layers == 2
+    assert p.net_for("middle1").channels == PixelCNNPriorConfig().channels  # from the kind's defaults
+    two = load_config("configs/smoke.yaml", ["prior.levels.top.n_layer=3"]).prior
+    assert isinstance(two.net_for("top"), GPTPriorConfig) and two.net_for("top").n_layer == 3
+    assert two.net_for("top").n_embd == GPTPriorConfig().n_embd and two.net_for("bottom") is two.bottom
+
+
+def test_config_with_levels_survives_a_checkpoint_round_trip():
+    """The checkpoint's config dict (migrated on load) keeps per-level networks as they were."""
+    from pipeline.config import config_from_dict
+
+    cfg = load_config("configs/smoke.yaml", ["prior.levels.bottom.kind=pixelcnn", "prior.levels.bottom.layers=2",
+                                              "vqvae.strides=[2, 4]"])
+    again = config_from_dict(cfg.to_dict())
+    assert again == cfg and again.prior.net_for("bottom").layers == 2
+
+
+def test_three_levels_with_strides_and_a_per_level_prior_run_end_to_end(tmp_path):
+    """stage 1 -> stage 2 -> sample with strides [2, 2, 2] (16 px: grids 2, 4, 8) and a PixelCNN middle prior."""
+    overrides = ["vqvae.levels=3", "vqvae.strides=[2, 2, 2]", "stage1.max_steps=3", "stage2.max_steps=3",
+                 "prior.levels.middle1.kind=pixelcnn", "prior.levels.middle1.channels=8",
+                 "prior.levels.middle1.layers=2", "prior.levels.middle1.cond_channels=8",
+                 "sample.num=4", "sample.grid_images=0", "data.max_images=200"]
+    for module in (stage1, stage2, sample):
+        assert run(module, tmp_path, *overrides) == 0
+    manifest = json.loads((tmp_path / "codes" / "manifest.json").read_text())
+    assert manifest["levels"] == ["top", "middle1", "bottom"]
+    assert manifest["grids"] == [[2, 2], [4, 4], [8, 8]]
+    config = json.loads((tmp_path / "sampler" / "config.json").read_text())
+    assert [p["net"]["kind"] for p in config["priors"]] == ["gpt", "pixelcnn", "gpt"]
+    assert config["vqvae"]["strides"] == [2, 2, 2]
+    with np.load(tmp_path / "samples" / "samples.npz") as z:
+        assert z["images"].shape == (4, 16, 16, 1)
+        assert [z[f"codes_{n}"].shape[1:] for n in ("top", "middle1", "bottom")] == [(2, 2), (4, 4), (8, 8)]
