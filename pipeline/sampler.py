@@ -26,7 +26,7 @@ from pipeline.data import to_float, to_uint8
 from pipeline.export import CONFIG, REEXPORT, locate, read_export, write_export
 from pipeline.io import UserError
 from pipeline.priors import Prior, prior_from_spec
-from pipeline.sampling import image_uniforms, sample_level
+from pipeline.sampling import cache_batch_limit, image_uniforms, is_guided, kv_cache_bytes, sample_level
 from pipeline.vqvae import VQVAE2
 
 LABEL_STREAM = 1_000  # the per-image random stream that draws uniform labels (levels use 0, 1, ...)
@@ -206,9 +206,10 @@ class Sampler(nn.Module, ModelHubMixin, library_name=model_card.LIBRARY, tags=li
     def generate_samples(self, num: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                          labels: Any = "uniform", guidance: float = 1.0, seed: int = 0, batch_size: int = 250,
                          start: int = 0, indices: list[int] | None = None, use_cache: bool = True,
-                         progress: bool = False) -> Samples:
+                         progress: bool = False, max_kv_gib: float = 0.0) -> Samples:
         """Images number ``start .. start + num - 1`` (or the given ``indices``) of the stream fixed by ``seed``.
-        Image i depends only on (seed, i, settings): not on the batch size or on how images are split up."""
+        Image i depends only on (seed, i, settings): not on the batch size or on how images are split up, so
+        ``max_kv_gib`` (see ``kv_batch_size``) changes the memory, never the images."""
         try:
             check_sampling_settings(temperature, top_k, top_p, guidance)
         except ValueError as err:
@@ -217,6 +218,7 @@ class Sampler(nn.Module, ModelHubMixin, library_name=model_card.LIBRARY, tags=li
             raise UserError(f"batch_size={batch_size}, num={num}: batch_size must be >= 1 and num >= 0")
         indices = list(range(start, start + num)) if indices is None else list(indices)
         all_labels = self.resolve_labels(labels, indices, seed)
+        batch_size = self.kv_batch_size(batch_size, max_kv_gib, is_guided(self.priors[0], guidance, all_labels))
         images, codes_out = [], [[] for _ in self.priors]
         from tqdm.auto import tqdm
 
@@ -239,6 +241,18 @@ class Sampler(nn.Module, ModelHubMixin, library_name=model_card.LIBRARY, tags=li
             codes=[np.concatenate(o) if o else np.zeros((0,), np.int64) for o in codes_out],
             labels=(all_labels.numpy() if all_labels is not None else np.full(len(indices), -1)).astype(np.int64),
         )
+
+    def kv_batch_size(self, batch_size: int, max_kv_gib: float, guided: bool) -> int:
+        """``batch_size``, lowered so that the key/value cache of the level with the largest one fits ``max_kv_gib``
+        GiB (0 = no limit): at 256 px a guided batch of 250 can need hundreds of GiB of cache."""
+        if max_kv_gib <= 0:
+            return batch_size
+        fits = cache_batch_limit(list(self.priors), max_kv_gib * 2**30, guided)
+        if fits < 1:
+            need = max(kv_cache_bytes(p, 1, guided) for p in self.priors) / 2**30
+            raise UserError(f"max_kv_gib={max_kv_gib:g} is too small: one image's key/value cache needs {need:.3g} GiB"
+                            f"{' with guidance' if guided else ''}; raise it, or 0 for no limit")
+        return min(batch_size, fits)
 
     def load_images(self, sources: list) -> np.ndarray:
         """Image files (paths or bytes, any mode PIL opens) -> uint8 (N, H, W, C), decoded exactly as training

@@ -91,16 +91,19 @@ def test_config_with_levels_survives_a_checkpoint_round_trip():
     assert again == cfg and again.prior.net_for("bottom").layers == 2
 
 
-def test_three_levels_with_strides_and_a_per_level_prior_run_end_to_end(tmp_path):
+def test_three_levels_with_strides_and_a_per_level_prior_run_end_to_end(tmp_path, capsys):
     """stage 1 -> stage 2 -> sample with strides [2, 2, 2] (16 px: grids 2, 4, 8), a PixelCNN middle prior and a
-    windowed GPT bottom prior."""
+    windowed GPT bottom prior; the sample stage lowers its batch to fit sample.max_kv_gib."""
     overrides = ["vqvae.levels=3", "vqvae.strides=[2, 2, 2]", "stage1.max_steps=3", "stage2.max_steps=3",
                  "prior.cond_window=3",
                  "prior.levels.middle1.kind=pixelcnn", "prior.levels.middle1.channels=8",
                  "prior.levels.middle1.layers=2", "prior.levels.middle1.cond_channels=8",
                  "sample.num=4", "sample.grid_images=0", "data.max_images=200"]
-    for module in (stage1, stage2, sample):
+    for module in (stage1, stage2):
         assert run(module, tmp_path, *overrides) == 0
+    per_image = 2 * 1 * 64 * 32 * 4  # the bottom GPT's cache: keys and values x 1 layer x 64 positions x 32 wide
+    assert run(sample, tmp_path, *overrides, f"sample.max_kv_gib={2.5 * per_image / 2**30}") == 0
+    assert "sample: 2 images per batch instead of sample.batch_size=16" in capsys.readouterr().out
     manifest = json.loads((tmp_path / "codes" / "manifest.json").read_text())
     assert manifest["levels"] == ["top", "middle1", "bottom"]
     assert manifest["grids"] == [[2, 2], [4, 4], [8, 8]]
