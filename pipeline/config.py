@@ -228,11 +228,15 @@ class ExtractConfig:
     shard_size: int = 100_000  # code grids per shard file
 
 
+SAMPLE_DTYPES = ("float32", "bfloat16")  # sample.dtype: names of torch dtypes
+
+
 @dataclass
 class SampleConfig:
     num: int = 1000  # images to sample
     batch_size: int = 250  # images per batch (the images do not depend on it, up to float rounding)
     max_kv_gib: float = 0.0  # per process: lower batch_size so the largest level's key/value cache fits (0 = off)
+    dtype: str = "float32"  # float32 | bfloat16: the priors' weights and key/value cache while sampling
     temperature: float = 1.0  # softmax temperature, > 0
     top_k: int = 0  # keep the k most likely codes (0 = off)
     top_p: float = 1.0  # nucleus mass in (0, 1] (1 = off)
@@ -623,6 +627,7 @@ def validate(cfg: Config) -> None:
     s = cfg.sample
     _check(s.num >= 1, "sample.num", s.num, "must be >= 1")
     _check(s.batch_size >= 1, "sample.batch_size", s.batch_size, "must be >= 1")
+    _check_choice("sample.dtype", s.dtype, SAMPLE_DTYPES)
     _check(s.max_kv_gib >= 0, "sample.max_kv_gib", s.max_kv_gib, "GiB of key/value cache per process, >= 0 (0 = off)")
     try:
         check_sampling_settings(s.temperature, s.top_k, s.top_p, s.guidance, prefix="sample.")

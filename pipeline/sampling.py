@@ -56,16 +56,17 @@ def is_guided(prior: Prior, guidance: float, labels: torch.Tensor | None) -> boo
     return guidance != 1.0 and prior.num_classes > 0 and labels is not None
 
 
-def kv_cache_bytes(prior: Prior, batch: int, guided: bool = False) -> int:
-    """Bytes of the key/value cache of sampling ``batch`` grids of ``prior``, whose batch guidance doubles:
-    2 x layers x batch (x 2) x positions x n_embd x bytes per element for a GPT, 0 for a PixelCNN."""
-    return prior.cache_bytes_per_grid() * batch * (2 if guided else 1)
+def kv_cache_bytes(prior: Prior, batch: int, guided: bool = False, dtype: torch.dtype | None = None) -> int:
+    """Bytes of the key/value cache of sampling ``batch`` grids of ``prior`` in ``dtype`` (default: its weights'),
+    whose batch guidance doubles: 2 x layers x batch (x 2) x positions x n_embd x bytes per element for a GPT, 0
+    for a PixelCNN."""
+    return prior.cache_bytes_per_grid(dtype) * batch * (2 if guided else 1)
 
 
-def cache_batch_limit(priors: list[Prior], max_bytes: float, guided: bool) -> int:
+def cache_batch_limit(priors: list[Prior], max_bytes: float, guided: bool, dtype: torch.dtype | None = None) -> int:
     """The most images sampled at once whose largest key/value cache (the level with the most) fits ``max_bytes``;
     0 when not even one does (levels are sampled one after the other: only one level's cache lives at a time)."""
-    per_image = max(kv_cache_bytes(p, 1, guided) for p in priors)
+    per_image = max(kv_cache_bytes(p, 1, guided, dtype) for p in priors)
     return int(max_bytes // per_image) if per_image else sys.maxsize
 
 

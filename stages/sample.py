@@ -84,7 +84,7 @@ def draw(sampler, fabric, s, start: int, count: int) -> Samples | None:
     indices = [start + i for i in shard_indices(count, fabric.global_rank, fabric.world_size)]
     part = sampler.generate_samples(len(indices), s.temperature, s.top_k, s.top_p, s.labels, s.guidance, s.seed,
                                     s.batch_size, indices=indices, progress=fabric.global_rank == 0,
-                                    max_kv_gib=s.max_kv_gib)
+                                    max_kv_gib=s.max_kv_gib, dtype=s.dtype)
     gathered = gather_rows(fabric, [part.images, part.labels, *part.codes], count)
     return None if gathered is None else Samples(images=gathered[0], labels=gathered[1], codes=gathered[2:])
 
@@ -150,7 +150,8 @@ def run_sample(cfg: Config, run: RunFolder) -> Samples | None:
     settings = sampling_settings(cfg)
     s = cfg.sample
     labels = sampler.resolve_labels(s.labels, [0], s.seed)  # bad labels fail here, before anything is written
-    batch = sampler.kv_batch_size(s.batch_size, s.max_kv_gib, is_guided(sampler.priors[0], s.guidance, labels))
+    batch = sampler.kv_batch_size(s.batch_size, s.max_kv_gib, is_guided(sampler.priors[0], s.guidance, labels),
+                                  s.dtype)
     if batch < s.batch_size:  # a budget too small for one image failed just above
         fabric.print(f"sample: {batch} images per batch instead of sample.batch_size={s.batch_size}, so the key/value "
                      f"cache fits sample.max_kv_gib={s.max_kv_gib:g}")

@@ -102,8 +102,11 @@ def test_three_levels_with_strides_and_a_per_level_prior_run_end_to_end(tmp_path
     for module in (stage1, stage2):
         assert run(module, tmp_path, *overrides) == 0
     per_image = 2 * 1 * 64 * 32 * 4  # the bottom GPT's cache: keys and values x 1 layer x 64 positions x 32 wide
-    assert run(sample, tmp_path, *overrides, f"sample.max_kv_gib={2.5 * per_image / 2**30}") == 0
+    budget = f"sample.max_kv_gib={2.5 * per_image / 2**30}"
+    assert run(sample, tmp_path, *overrides, budget) == 0
     assert "sample: 2 images per batch instead of sample.batch_size=16" in capsys.readouterr().out
+    assert run(sample, tmp_path, *overrides, budget, "sample.dtype=bfloat16") == 0
+    assert "sample: 5 images per batch" in capsys.readouterr().out  # a bfloat16 cache is half the size
     manifest = json.loads((tmp_path / "codes" / "manifest.json").read_text())
     assert manifest["levels"] == ["top", "middle1", "bottom"]
     assert manifest["grids"] == [[2, 2], [4, 4], [8, 8]]

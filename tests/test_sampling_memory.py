@@ -90,3 +90,18 @@ def test_guided_sampling_uses_the_doubled_batch_the_budget_assumes(sampler):
     finally:
         del prior.begin
     assert seen == [4, 2]
+
+
+def test_bfloat16_sampling_halves_the_cache_and_exports_float32(sampler):
+    """sample.dtype=bfloat16 samples with bfloat16 copies: the budget fits twice the images, the draws are valid
+    codes, and the sampler's own (exported) weights stay float32."""
+    budget = 3.5 * kv_cache_bytes(sampler.priors[1], 1) / 2**30  # 3 float32 images
+    assert sampler.kv_batch_size(250, budget, False, "bfloat16") == 7
+    out = sampler.generate_samples(5, labels="uniform", guidance=2.0, seed=1, dtype="bfloat16", max_kv_gib=budget)
+    assert [c.shape for c in out.codes] == [(5, 2, 2), (5, 4, 4)] and all(c.max() < K for c in out.codes)
+    assert out.images.shape == (5, 16, 16, 1)
+    assert all(p.dtype == torch.float32 for p in sampler.parameters())
+    with pytest.raises(UserError, match="dtype='float16' is not a sampling dtype; choose one of float32, bfloat16"):
+        sampler.generate_samples(1, dtype="float16")
+    with pytest.raises(ValueError, match="sample.dtype='half' is not allowed: choose one of float32, bfloat16"):
+        load_config("configs/smoke.yaml", ["sample.dtype=half"])

@@ -180,11 +180,12 @@ class GPTPrior(Prior):
         """Number of parameters (tied embeddings counted once)."""
         return sum(p.numel() for p in self.parameters())
 
-    def cache_bytes_per_grid(self) -> int:
+    def cache_bytes_per_grid(self, dtype: torch.dtype | None = None) -> int:
         """The key/value cache of one sequence once every position is fed: 2 (keys and values) x layers x positions
-        x width x bytes per element (Llama here has as many key/value heads as heads)."""
-        cfg = self.model.config
-        return 2 * cfg.num_hidden_layers * self.n_positions * cfg.hidden_size * self.model.dtype.itemsize
+        x width x bytes per element of ``dtype`` (default: the weights'; Llama here has as many key/value heads as
+        heads)."""
+        cfg, size = self.model.config, (dtype or self.model.dtype).itemsize
+        return 2 * cfg.num_hidden_layers * self.n_positions * cfg.hidden_size * size
 
     @property
     def _param_device(self) -> torch.device:
