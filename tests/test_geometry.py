@@ -167,3 +167,15 @@ def test_window_limits_the_upper_codes_each_position_sees(arch):
         torch.testing.assert_close(out[:, :first], base[:, :first], rtol=0, atol=tol)
         assert (out[:, first] - base[:, first]).abs().max() > 100 * tol
     assert first > 0  # the last cell (bottom right) is outside the first codes' windows
+
+
+def test_a_stage1_run_from_before_strides_resumes(tmp_path, capsys):
+    """A checkpoint whose config has no vqvae.strides (written before the key) resumes: missing means the default."""
+    assert run(stage1, tmp_path, "stage1.max_steps=2", "data.max_images=200") == 0
+    last = tmp_path / "stage1" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    del ckpt["meta"]["config"]["vqvae"]["strides"]
+    torch.save(ckpt, last)
+    capsys.readouterr()
+    assert run(stage1, tmp_path, "stage1.max_steps=3", "data.max_images=200") == 0
+    assert "resuming from" in capsys.readouterr().out
