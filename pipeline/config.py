@@ -58,9 +58,17 @@ class FabricConfig:
     threads: int = 0  # torch intra-op threads per process; 0 = torch's default
 
 
+def level_names(levels: int) -> list[str]:
+    """Names of the code levels, top first: ["top", "bottom"] for two; ["top", "middle1", ..., "bottom"] else."""
+    if levels == 1:
+        return ["top"]
+    return ["top"] + [f"middle{i}" for i in range(1, levels - 1)] + ["bottom"]
+
+
 @dataclass
 class VQVAEConfig:
-    levels: int = 2  # bottom grid at 1/4 of the input, each further level halves it
+    levels: int = 2  # code levels (the grid of each: see strides)
+    strides: list[int] = field(default_factory=list)  # per level, bottom first, vs the level below: [] = [4, 2, 2, ..]
     channels: int = 64  # hidden width of encoders and decoders
     res_channels: int = 32  # bottleneck width inside residual blocks
     res_blocks: int = 2  # residual blocks per stack
@@ -74,10 +82,19 @@ class VQVAEConfig:
     kmeans_iters: int = 10  # k-means iterations of that initialisation
     restart_after: int = 50  # restart a code unused for this many steps (0 = never)
 
+    def level_strides(self) -> list[int]:
+        """Each level's downsampling relative to the level below, bottom first (the bottom's relative to the
+        image): ``strides`` if given, else VQ-VAE-2's 4 for the bottom and 2 for every level above it."""
+        return list(self.strides) or [4] + [2] * (self.levels - 1)
+
+    def level_downsampling(self) -> list[int]:
+        """Each level's total downsampling relative to the image, top first (the order of the code grids)."""
+        return [math.prod(self.level_strides()[: i + 1]) for i in reversed(range(self.levels))]
+
     @property
     def downsample(self) -> int:
         """Total downsampling of the coarsest (top) level."""
-        return 2 ** (self.levels + 1)
+        return math.prod(self.level_strides())
 
 
 @dataclass
@@ -179,8 +196,20 @@ def prior_net_from_dict(values: dict[str, Any], key: str = "prior") -> PriorNetC
 class PriorConfig:
     top: GPTPriorConfig | PixelCNNPriorConfig = field(default_factory=GPTPriorConfig)  # the top level's network
     bottom: GPTPriorConfig | PixelCNNPriorConfig = field(default_factory=GPTPriorConfig)  # every level below
+    levels: dict[str, PriorNetConfig] = field(default_factory=dict)  # by level name (e.g. middle1): its own network
+    cond_window: int = 0  # GPTs below the top see the k x k upper codes around each code (odd k), 0 = the whole grid
     class_conditional: bool = True  # needs labelled data
     class_dropout: float = 0.1  # label replaced by the null label with this rate (classifier-free guidance)
+
+    def net_for(self, level: str) -> GPTPriorConfig | PixelCNNPriorConfig:
+        """The network of the level named ``level`` (``pipeline.config.level_names``): its entry in ``levels``,
+        else ``top`` for the top level and ``bottom`` for every level below it."""
+        return self.levels.get(level) or (self.top if level == "top" else self.bottom)
+
+    def window_for(self, level: str) -> int:
+        """The conditioning window of that level's prior: ``cond_window`` for a GPT below the top, else 0 (the top
+        has no upper level; a PixelCNN sees the upper codes through its convolutional conditioning network)."""
+        return self.cond_window if level != "top" and self.net_for(level).kind == "gpt" else 0
 
 
 @dataclass
@@ -199,10 +228,15 @@ class ExtractConfig:
     shard_size: int = 100_000  # code grids per shard file
 
 
+SAMPLE_DTYPES = ("float32", "bfloat16")  # sample.dtype: names of torch dtypes
+
+
 @dataclass
 class SampleConfig:
     num: int = 1000  # images to sample
     batch_size: int = 250  # images per batch (the images do not depend on it, up to float rounding)
+    max_kv_gib: float = 0.0  # per process: lower batch_size so the largest level's key/value cache fits (0 = off)
+    dtype: str = "float32"  # float32 | bfloat16: the priors' weights and key/value cache while sampling
     temperature: float = 1.0  # softmax temperature, > 0
     top_k: int = 0  # keep the k most likely codes (0 = off)
     top_p: float = 1.0  # nucleus mass in (0, 1] (1 = off)
@@ -283,6 +317,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             except ConfigError:
                 pass
         raise ConfigError(f"{key}={value!r}: expected {tp}")
+    if origin is dict:
+        _, item_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r}: expected a mapping of names to sections")
+        return {str(k): _coerce(f"{key}.{k}", v, item_tp) for k, v in value.items()}
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
@@ -390,7 +429,7 @@ def _renamed(values: dict[str, Any], migrate: bool) -> dict[str, Any]:
     if migrate and isinstance(prior, dict):  # every field of both kinds, as written before per-kind configs
         prior = values["prior"] = dict(prior)
         for level, net in prior.items():
-            if isinstance(net, dict) and net.get("kind", "gpt") in PRIOR_NETS:
+            if level != "levels" and isinstance(net, dict) and net.get("kind", "gpt") in PRIOR_NETS:
                 own = {f.name for f in dataclasses.fields(PRIOR_NETS[net.get("kind", "gpt")])}
                 prior[level] = {k: v for k, v in net.items() if k in own}
     return values
@@ -499,7 +538,7 @@ def check_sampling_settings(temperature: float, top_k: int, top_p: float, guidan
             raise ValueError(f"{prefix}{key}={value!r} is not allowed: {rule}")
 
 
-def _validate_data(d: DataConfig, downsample: int) -> None:
+def _validate_data(d: DataConfig, v: VQVAEConfig) -> None:
     _check_choice("data.source", d.source, ("embedded", "folder", "hub", "idx"))
     if d.source == "embedded":
         _check_choice("data.name", d.name, ("mnist_5k",))
@@ -516,8 +555,10 @@ def _validate_data(d: DataConfig, downsample: int) -> None:
     _check(d.num_proc >= 0, "data.num_proc", d.num_proc, "must be >= 0 (0 = one per core)")
     _check(d.channels in (1, 3), "data.channels", d.channels, "1 (grey) or 3 (RGB)")
     _check(d.image_size >= 8, "data.image_size", d.image_size, "must be >= 8")
+    downsample = v.downsample
+    total = f"the product of vqvae.strides {v.strides}" if v.strides else "2^(vqvae.levels+1)"
     _check(d.image_size % downsample == 0, "data.image_size", d.image_size,
-           f"must be divisible by the total downsampling 2^(vqvae.levels+1) = {downsample} "
+           f"must be divisible by the total downsampling {total} = {downsample} "
            f"(e.g. {max(downsample, d.image_size // downsample * downsample)})")
     _check(0 < d.holdout_fraction < 1, "data.holdout_fraction", d.holdout_fraction, "must be in (0, 1)")
     _check(d.split_seed >= 0, "data.split_seed", d.split_seed, "must be >= 0")
@@ -528,8 +569,32 @@ def _validate_data(d: DataConfig, downsample: int) -> None:
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
 
 
+def _validate_strides(v: VQVAEConfig) -> None:
+    example = [4] + [2] * (v.levels - 1)
+    _check(not v.strides or len(v.strides) == v.levels, "vqvae.strides", v.strides,
+           f"give one stride per level (vqvae.levels={v.levels}), bottom first, e.g. {example}, or [] for that")
+    for i, s in enumerate(v.strides):
+        _check(s >= 2 and s & (s - 1) == 0, f"vqvae.strides[{i}]", s, "each stride must be a power of two >= 2")
+
+
+def _validate_prior(p: PriorConfig, levels: int) -> None:
+    names = level_names(levels)
+    for name in p.levels:
+        _check(name in names, "prior.levels", name,
+               f"a level of vqvae.levels={levels} is named one of {', '.join(names)}")
+    for name, net in [("top", p.top), ("bottom", p.bottom)] + [(f"levels.{n}", net) for n, net in p.levels.items()]:
+        net.validate(f"prior.{name}")
+    _check(p.cond_window == 0 or (p.cond_window > 0 and p.cond_window % 2 == 1), "prior.cond_window", p.cond_window,
+           "an odd window size >= 1 (e.g. 3), or 0 for the whole upper grid")
+    _check(p.cond_window == 0 or any(p.window_for(n) for n in names), "prior.cond_window", p.cond_window,
+           "only GPT priors below the top use it: set vqvae.levels >= 2 with a gpt prior below the top, or 0")
+    _check(0 <= p.class_dropout < 1, "prior.class_dropout", p.class_dropout, "must be in [0, 1)")
+
+
 def validate(cfg: Config) -> None:
-    _validate_data(cfg.data, cfg.vqvae.downsample)
+    _check(1 <= cfg.vqvae.levels <= 4, "vqvae.levels", cfg.vqvae.levels, "must be 1 to 4")
+    _validate_strides(cfg.vqvae)
+    _validate_data(cfg.data, cfg.vqvae)
     f, v = cfg.fabric, cfg.vqvae
     _check_choice("fabric.accelerator", f.accelerator, ("cpu", "cuda", "mps", "gpu", "auto"))
     _check(f.devices >= 1, "fabric.devices", f.devices, "must be >= 1")
@@ -540,7 +605,6 @@ def validate(cfg: Config) -> None:
     _check(not (f.strategy == "fsdp" and f.accelerator == "mps"), "fabric.strategy", f.strategy,
            "FSDP does not run on MPS (fabric.accelerator=mps); use fabric.strategy=auto")
 
-    _check(1 <= v.levels <= 4, "vqvae.levels", v.levels, "must be 1 to 4")
     _check(v.channels >= 8, "vqvae.channels", v.channels, "must be >= 8")
     _check(v.res_channels >= 1, "vqvae.res_channels", v.res_channels, "must be >= 1")
     _check(v.res_blocks >= 0, "vqvae.res_blocks", v.res_blocks, "must be >= 0")
@@ -558,13 +622,13 @@ def validate(cfg: Config) -> None:
     _check(cfg.extract.batch_size >= 1, "extract.batch_size", cfg.extract.batch_size, "must be >= 1")
     _check(cfg.extract.shard_size >= 1, "extract.shard_size", cfg.extract.shard_size, "must be >= 1")
 
-    for level in ("top", "bottom"):
-        getattr(cfg.prior, level).validate(f"prior.{level}")
-    _check(0 <= cfg.prior.class_dropout < 1, "prior.class_dropout", cfg.prior.class_dropout, "must be in [0, 1)")
+    _validate_prior(cfg.prior, v.levels)
 
     s = cfg.sample
     _check(s.num >= 1, "sample.num", s.num, "must be >= 1")
     _check(s.batch_size >= 1, "sample.batch_size", s.batch_size, "must be >= 1")
+    _check_choice("sample.dtype", s.dtype, SAMPLE_DTYPES)
+    _check(s.max_kv_gib >= 0, "sample.max_kv_gib", s.max_kv_gib, "GiB of key/value cache per process, >= 0 (0 = off)")
     try:
         check_sampling_settings(s.temperature, s.top_k, s.top_p, s.guidance, prefix="sample.")
     except ValueError as err:

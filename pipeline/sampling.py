@@ -7,6 +7,8 @@ the same images whatever the batch size or the number of processes the images ar
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import torch
 
@@ -49,6 +51,25 @@ def sample_token(logits: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     return idx
 
 
+def is_guided(prior: Prior, guidance: float, labels: torch.Tensor | None) -> bool:
+    """Whether sampling runs classifier-free guidance: one conditional and one null-label row per image."""
+    return guidance != 1.0 and prior.num_classes > 0 and labels is not None
+
+
+def kv_cache_bytes(prior: Prior, batch: int, guided: bool = False, dtype: torch.dtype | None = None) -> int:
+    """Bytes of the key/value cache of sampling ``batch`` grids of ``prior`` in ``dtype`` (default: its weights'),
+    whose batch guidance doubles: 2 x layers x batch (x 2) x positions x n_embd x bytes per element for a GPT, 0
+    for a PixelCNN."""
+    return prior.cache_bytes_per_grid(dtype) * batch * (2 if guided else 1)
+
+
+def cache_batch_limit(priors: list[Prior], max_bytes: float, guided: bool, dtype: torch.dtype | None = None) -> int:
+    """The most images sampled at once whose largest key/value cache (the level with the most) fits ``max_bytes``;
+    0 when not even one does (levels are sampled one after the other: only one level's cache lives at a time)."""
+    per_image = max(kv_cache_bytes(p, 1, guided, dtype) for p in priors)
+    return int(max_bytes // per_image) if per_image else sys.maxsize
+
+
 def image_uniforms(seed: int, level: int, indices: range | list[int], length: int) -> torch.Tensor:
     """(len(indices), length) uniforms in [0, 1); row i depends only on (seed, level, indices[i])."""
     rows = [np.random.default_rng([seed, level, int(i)]).random(length) for i in indices]
@@ -73,7 +94,7 @@ def sample_level(
     if length != prior.seq_len:
         raise ValueError(f"uniforms have length {length}, the prior's grid has {prior.seq_len} positions")
     device = next(prior.parameters()).device
-    guided = guidance != 1.0 and prior.num_classes > 0 and labels is not None
+    guided = is_guided(prior, guidance, labels)
     if guided:  # rows [0, B) conditional, [B, 2B) with the null label
         labels = torch.cat([labels, prior.null_labels(batch, labels.device)])
         cond_codes = None if cond_codes is None else torch.cat([cond_codes, cond_codes])

@@ -2,7 +2,9 @@
 https://arxiv.org/abs/1906.00446).
 
 Levels are listed top (coarsest) first. With ``levels=2`` on a 32 x 32 input the bottom grid is 8 x 8 (1/4)
-and the top grid 4 x 4 (1/8). Encoding runs bottom-up (each level's encoder halves the previous features);
+and the top grid 4 x 4 (1/8); ``strides`` sets each level's downsampling relative to the level below instead
+(at 256 px, ``[8, 2]`` keeps the bottom grid at 32 x 32). Encoding runs bottom-up (each level's encoder
+downsamples the previous features by its stride);
 quantization runs top-down: a level's code vectors are decoded and concatenated to the encoder features of
 the level below before that level is quantized, so lower levels encode what the upper ones miss. The image
 decoder sees every level, upsampled to the bottom grid.
@@ -10,6 +12,7 @@ decoder sees every level, upsampled to the bottom grid.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import VQVAEConfig
+from pipeline.config import level_names as level_names  # re-exported: the level names belong to the VQ-VAE
 from pipeline.quantizer import VectorQuantizer
 
 
@@ -31,26 +35,33 @@ class ResBlock(nn.Module):
         return x + self.body(x)
 
 
+def _halvings(stride: int) -> int:
+    """log2 of a stride (a power of two >= 2): the stride-2 convolutions that make it."""
+    return stride.bit_length() - 1
+
+
 def _encoder(in_ch: int, ch: int, res_ch: int, n_res: int, stride: int) -> nn.Sequential:
-    """Downsample by ``stride`` (4 or 2), then residual blocks."""
-    if stride == 4:
-        layers = [nn.Conv2d(in_ch, ch // 2, 4, 2, 1), nn.ReLU(), nn.Conv2d(ch // 2, ch, 4, 2, 1), nn.ReLU(),
-                  nn.Conv2d(ch, ch, 3, padding=1)]
-    else:
-        layers = [nn.Conv2d(in_ch, ch // 2, 4, 2, 1), nn.ReLU(), nn.Conv2d(ch // 2, ch, 3, padding=1)]
+    """Downsample by ``stride`` with stride-2 4x4 convolutions (widths ch/2, ch, ch, ...), a 3x3 convolution, then
+    residual blocks. Strides 4 and 2 give VQ-VAE-2's bottom and upper encoders, layer for layer."""
+    widths = [in_ch, ch // 2] + [ch] * (_halvings(stride) - 1)
+    layers: list[nn.Module] = []
+    for a, b in zip(widths, widths[1:]):
+        layers += [nn.Conv2d(a, b, 4, 2, 1), nn.ReLU()]
+    layers += [nn.Conv2d(widths[-1], ch, 3, padding=1)]
     layers += [ResBlock(ch, res_ch) for _ in range(n_res)] + [nn.ReLU()]
     return nn.Sequential(*layers)
 
 
 def _decoder(in_ch: int, out_ch: int, ch: int, res_ch: int, n_res: int, stride: int) -> nn.Sequential:
-    """Residual blocks, then upsample by ``stride`` (4 or 2) with transposed convolutions."""
+    """Residual blocks, then upsample by ``stride`` with stride-2 transposed convolutions (the encoder's widths in
+    reverse: ..., ch, ch/2, out_ch)."""
     layers: list[nn.Module] = [nn.Conv2d(in_ch, ch, 3, padding=1)]
     layers += [ResBlock(ch, res_ch) for _ in range(n_res)] + [nn.ReLU()]
-    if stride == 4:
-        layers += [nn.ConvTranspose2d(ch, ch // 2, 4, 2, 1), nn.ReLU(), nn.ConvTranspose2d(ch // 2, out_ch, 4, 2, 1)]
-    else:
-        layers += [nn.ConvTranspose2d(ch, out_ch, 4, 2, 1)]
-    return nn.Sequential(*layers)
+    n = _halvings(stride)
+    widths = [ch] * (n - 1) + ([ch // 2] if n > 1 else [ch]) + [out_ch]
+    for a, b in zip(widths, widths[1:]):
+        layers += [nn.ConvTranspose2d(a, b, 4, 2, 1), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
 
 
 def _upsampler(dim: int, factor: int) -> nn.Module:
@@ -73,13 +84,6 @@ class VQVAEOutput:
     usage: list[torch.Tensor]  # per level, top first (fraction of the codebook used in this batch)
 
 
-def level_names(levels: int) -> list[str]:
-    """Names of the code levels, top first: ["top", "bottom"] for two; ["top", "middle1", ..., "bottom"] else."""
-    if levels == 1:
-        return ["top"]
-    return ["top"] + [f"middle{i}" for i in range(1, levels - 1)] + ["bottom"]
-
-
 class VQVAE2(nn.Module):
     def __init__(self, cfg: VQVAEConfig, in_channels: int = 1) -> None:
         """
@@ -90,9 +94,10 @@ class VQVAE2(nn.Module):
         super().__init__()
         self.cfg, self.in_channels = cfg, in_channels
         n, ch, rc, nr, dim = cfg.levels, cfg.channels, cfg.res_channels, cfg.res_blocks, cfg.code_dim
+        strides = cfg.level_strides()  # bottom first, each relative to the level below
         # index 0 is the bottom level inside the module; the public API lists levels top first
         self.encoders = nn.ModuleList(
-            [_encoder(in_channels, ch, rc, nr, 4)] + [_encoder(ch, ch, rc, nr, 2) for _ in range(n - 1)]
+            [_encoder(in_channels if i == 0 else ch, ch, rc, nr, strides[i]) for i in range(n)]
         )
         # pre-quantization 1x1 convs: the top level sees its encoder features; lower levels also the decoded level above
         self.pre_quant = nn.ModuleList(
@@ -104,10 +109,10 @@ class VQVAE2(nn.Module):
         )
         # decode level i+1's codes (with what it was conditioned on) to level i's resolution
         self.level_decoders = nn.ModuleList(
-            [_decoder(dim * (1 if i == n - 2 else 2), dim, ch, rc, nr, 2) for i in range(n - 1)]
+            [_decoder(dim * (1 if i == n - 2 else 2), dim, ch, rc, nr, strides[i + 1]) for i in range(n - 1)]
         )
-        self.upsamplers = nn.ModuleList([_upsampler(dim, 2**i) for i in range(n)])
-        self.decoder = _decoder(dim * n, in_channels, ch, rc, nr, 4)
+        self.upsamplers = nn.ModuleList([_upsampler(dim, math.prod(strides[1 : i + 1])) for i in range(n)])
+        self.decoder = _decoder(dim * n, in_channels, ch, rc, nr, strides[0])
 
     @property
     def levels(self) -> int:
@@ -115,7 +120,7 @@ class VQVAE2(nn.Module):
 
     def grid_shapes(self, image_size: int) -> list[tuple[int, int]]:
         """Code grid (h, w) per level, top first."""
-        return [(image_size // 2 ** (i + 2),) * 2 for i in reversed(range(self.levels))]
+        return [(image_size // d,) * 2 for d in self.cfg.level_downsampling()]
 
     def _quantize(self, x: torch.Tensor):
         feats = []

@@ -23,6 +23,7 @@ from pipeline.io import UserError, atomic_save_png, atomic_savez, load_checkpoin
 from pipeline.metrics.extract import make_extractor
 from pipeline.rejection import asked_class_probability, candidates_for, select_accepted
 from pipeline.sampler import Samples
+from pipeline.sampling import is_guided
 from stages.cli import run_main, stage_parser
 from stages.runfolder import RunFolder, build_sampler, trained_checkpoint
 
@@ -82,7 +83,8 @@ def draw(sampler, fabric, s, start: int, count: int) -> Samples | None:
     elsewhere)."""
     indices = [start + i for i in shard_indices(count, fabric.global_rank, fabric.world_size)]
     part = sampler.generate_samples(len(indices), s.temperature, s.top_k, s.top_p, s.labels, s.guidance, s.seed,
-                                    s.batch_size, indices=indices, progress=fabric.global_rank == 0)
+                                    s.batch_size, indices=indices, progress=fabric.global_rank == 0,
+                                    max_kv_gib=s.max_kv_gib, dtype=s.dtype)
     gathered = gather_rows(fabric, [part.images, part.labels, *part.codes], count)
     return None if gathered is None else Samples(images=gathered[0], labels=gathered[1], codes=gathered[2:])
 
@@ -147,7 +149,12 @@ def run_sample(cfg: Config, run: RunFolder) -> Samples | None:
     sampler = sampler.to(fabric.device)
     settings = sampling_settings(cfg)
     s = cfg.sample
-    sampler.resolve_labels(s.labels, [0], s.seed)  # bad labels fail here, before anything is written
+    labels = sampler.resolve_labels(s.labels, [0], s.seed)  # bad labels fail here, before anything is written
+    batch = sampler.kv_batch_size(s.batch_size, s.max_kv_gib, is_guided(sampler.priors[0], s.guidance, labels),
+                                  s.dtype)
+    if batch < s.batch_size:  # a budget too small for one image failed just above
+        fabric.print(f"sample: {batch} images per batch instead of sample.batch_size={s.batch_size}, so the key/value "
+                     f"cache fits sample.max_kv_gib={s.max_kv_gib:g}")
     sampler.sampling_defaults, sampler.card = settings, card_facts(run, cfg1, sampler)
     rejecting = s.accept < 1 or s.threshold > 0
     classifier = rejection_classifier(cfg, run, cfg1, sampler, fabric) if rejecting else None

@@ -85,7 +85,7 @@ def critic_changes(trained_for: dict, cfg: Config) -> list[str]:
 def run_stage1(cfg: Config, run: RunFolder, fresh: bool = False) -> dict[str, float]:
     last = run.stage1 / LAST_CKPT
     if last.exists() and not fresh:
-        trained_for = load_checkpoint(last)["meta"]["config"]
+        trained_for = config_from_dict(load_checkpoint(last)["meta"]["config"]).to_dict()  # keys added since: defaults
         changes = config_diff(trained_for, cfg.to_dict(), STAGE1_KEYS) + critic_changes(trained_for, cfg)
         check_resumable(last, changes, "config", "stage1")
     if cfg.prior.class_conditional and has_labels(cfg.data) is False:

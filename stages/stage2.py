@@ -86,8 +86,9 @@ def run_stage2(cfg: Config, run: RunFolder, fresh: bool = False) -> dict:
     grids, k, sha = manifest["grids"], manifest["num_codes"], manifest["stage1_sha256"]
     summary: dict = {"stage1_sha256": sha, "levels": {}}
     for level, name in enumerate(names):
-        net = cfg.prior.top if level == 0 else cfg.prior.bottom
-        spec = prior_spec(net, grids[level], k, num_classes, grids[level - 1] if level else None, k if level else 0)
+        net = cfg.prior.net_for(name)
+        spec = prior_spec(net, grids[level], k, num_classes, grids[level - 1] if level else None, k if level else 0,
+                          cfg.prior.window_for(name))
         last = run.prior(name) / LAST_CKPT
         if last.exists() and not fresh:
             meta = load_checkpoint(last)["meta"]
@@ -100,6 +101,7 @@ def run_stage2(cfg: Config, run: RunFolder, fresh: bool = False) -> dict:
         n_params = sum(p.numel() for p in task.model.parameters())
         fabric.print(f"stage 2, {name} prior: {net.kind} ({n_params / 1e6:.2f}M parameters) over {grids[level]} codes"
                      + (f" given the {names[level - 1]} codes" if level else "")
+                     + (f" ({spec['cond_window']}x{spec['cond_window']} window)" if spec["cond_window"] else "")
                      + (f", {num_classes} classes" if num_classes else ", unconditional"))
         summary["levels"][name] = fit(fabric, task, cfg.stage2, run.prior(name), fresh=fresh,
                                       desc=f"stage 2 {name}")

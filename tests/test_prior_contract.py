@@ -16,11 +16,13 @@ GRID, COND = (3, 4), (2, 2)
 TINY = {"gpt": ["prior.top.n_layer=2", "prior.top.n_embd=16", "prior.top.n_head=2"],
         "pixelcnn": ["prior.top.kind=pixelcnn", "prior.top.channels=8", "prior.top.layers=3",
                      "prior.top.kernel_size=3", "prior.top.cond_channels=8", "prior.top.cond_res_blocks=1"]}
+TINY["gpt-window"] = TINY["gpt"]  # a GPT conditioned on the 3 x 3 window of upper codes around each code (no prefix)
+WINDOW = {"gpt-window": 3}
 
 
 def spec_of(kind: str) -> dict:
     net = load_config("configs/smoke.yaml", TINY[kind]).prior.top
-    return prior_spec(net, GRID, K, C, COND, KC)
+    return prior_spec(net, GRID, K, C, COND, KC, WINDOW.get(kind, 0))
 
 
 def make(kind: str):
@@ -34,7 +36,7 @@ def batch(n: int = 3, seed: int = 1):
             torch.randint(0, KC, (n, *COND), generator=g))
 
 
-KINDS = ["gpt", "pixelcnn"]
+KINDS = ["gpt", "pixelcnn", "gpt-window"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -96,6 +98,7 @@ def test_cache_changes_no_draw(kind):
 def test_save_and_load_through_the_spec(kind):
     prior = make(kind)
     spec = spec_of(kind)
+    kind = kind.split("-")[0]
     assert spec["net"]["kind"] == kind and ("n_layer" in spec["net"]) == (kind == "gpt")  # only its own fields
     again = prior_from_spec(spec)
     again.load_state_dict(prior.state_dict(), strict=True)

@@ -11,40 +11,46 @@ from pipeline.priors.base import Prior
 
 
 def build_prior(net: PriorNetConfig, grid: tuple[int, int], num_codes: int, num_classes: int,
-                cond_grid: tuple[int, int] | None, cond_num_codes: int) -> Prior:
-    """The prior network a config section asks for (``kind``: gpt or pixelcnn)."""
+                cond_grid: tuple[int, int] | None, cond_num_codes: int, cond_window: int = 0) -> Prior:
+    """The prior network a config section asks for (``kind``: gpt or pixelcnn); ``cond_window`` (GPT only, see
+    ``PriorConfig.window_for``) limits the upper codes each code is conditioned on."""
     shape = dict(grid=tuple(grid), num_codes=num_codes, num_classes=num_classes,
                  cond_grid=tuple(cond_grid) if cond_grid else None, cond_num_codes=cond_num_codes)
     settings = {k: v for k, v in asdict(net).items() if k != "kind"}  # the config class lists the model's keywords
     if net.kind == "gpt":
         from pipeline.priors.gpt import GPTPrior
 
-        return GPTPrior(**shape, **settings)
+        return GPTPrior(**shape, **settings, cond_window=cond_window)
+    if cond_window:
+        raise ValueError(f"cond_window={cond_window}: only GPT priors take a conditioning window")
     from pipeline.priors.pixelcnn import GatedPixelCNN
 
     return GatedPixelCNN(**shape, **settings)
 
 
-def prior_spec(net: PriorNetConfig, grid, num_codes: int, num_classes: int, cond_grid, cond_num_codes: int) -> dict:
+def prior_spec(net: PriorNetConfig, grid, num_codes: int, num_classes: int, cond_grid, cond_num_codes: int,
+               cond_window: int = 0) -> dict:
     """Everything that rebuilds a prior, as plain values (stored in checkpoints and the exported sampler)."""
     return {"net": asdict(net), "grid": list(grid), "num_codes": num_codes, "num_classes": num_classes,
-            "cond_grid": list(cond_grid) if cond_grid else None, "cond_num_codes": cond_num_codes}
+            "cond_grid": list(cond_grid) if cond_grid else None, "cond_num_codes": cond_num_codes,
+            "cond_window": cond_window}
 
 
 def normalize_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """A spec with only the fields its kind uses: specs written before the per-kind configs carried every field of
-    both kinds, which are dropped here, so old checkpoints resume and load like new ones."""
+    both kinds, which are dropped here, and specs written before conditioning windows have none (0), so old
+    checkpoints resume and load like new ones."""
     net = spec["net"]
     kind = net.get("kind", "gpt")
     own = prior_net_from_dict({"kind": kind})
     values = {k: v for k, v in net.items() if hasattr(own, k)}
-    return {**spec, "net": asdict(prior_net_from_dict(values))}
+    return {"cond_window": 0, **spec, "net": asdict(prior_net_from_dict(values))}
 
 
 def prior_from_spec(spec: dict[str, Any]) -> Prior:
     spec = normalize_spec(spec)
     return build_prior(prior_net_from_dict(spec["net"]), spec["grid"], spec["num_codes"], spec["num_classes"],
-                       spec["cond_grid"], spec["cond_num_codes"])
+                       spec["cond_grid"], spec["cond_num_codes"], spec["cond_window"])
 
 
 __all__ = ["Prior", "build_prior", "normalize_spec", "prior_from_spec", "prior_spec"]

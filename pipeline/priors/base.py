@@ -54,6 +54,12 @@ class Prior(nn.Module, ABC):
     def seq_len(self) -> int:
         return self.grid[0] * self.grid[1]
 
+    def cache_bytes_per_grid(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes of the sampling state of one grid that grow with its sequence (a transformer's key/value cache),
+        once every position is fed, in ``dtype`` (default: the weights'); 0 for a state that stays small (the
+        PixelCNN keeps a few rows)."""
+        return 0
+
     def null_labels(self, batch: int, device: torch.device) -> torch.Tensor:
         return torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
 

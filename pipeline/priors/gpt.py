@@ -25,6 +25,15 @@ sees ``P + T`` positions (``n_positions`` / ``max_position_embeddings`` is exact
 the outputs of positions ``P .. P + T - 1`` and the first ``K`` vocabulary entries (the level's codes), so
 ``logits[:, t]`` predicts ``codes[:, t]``.
 
+Windowed conditioning (``cond_window = k > 0``, odd): no upper codes in the sequence (and none in the
+vocabulary), so it is ``[class or null token] + [codes]`` (``P = 0``, ``T`` positions seen) instead of
+``1 + Hc * Wc + T`` (at 256 px with grids 32 and 64: 4,096 instead of 5,120 positions). Input position ``t``,
+which predicts code ``t``, gets a conditioning embedding added to its token embedding: the sum of one learned
+vector per slot of the ``k x k`` window of upper codes centred on code ``t``'s upper position
+(``(i * Hc // H, j * Wc // W)``; slots outside the grid hold a padding code). Position ``t`` thus sees the
+windows of codes ``0 .. t``, never an upper code outside them (the receptive field grows with the raster
+order, not with the grid), and its attention costs ``T`` positions, not ``P + T``.
+
 Sampling (``begin`` / ``step``): with the key/value cache the prefix is run once and each step feeds only
 the code sampled at the previous position; without it every step recomputes the whole sequence so far
 (the slow baseline). Both give the same logits up to float rounding.
@@ -37,11 +46,26 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from pipeline.priors.base import Prior
 
 ARCHS = ("gpt2", "llama")
+
+
+def window_index(grid: tuple[int, int], cond_grid: tuple[int, int], k: int) -> torch.Tensor:
+    """(H*W, k*k) indices into the flattened upper grid of the k x k window around each lower code's upper
+    position (row i*Hc//H, column j*Wc//W), raster order in both; a slot outside the upper grid holds Hc*Wc
+    (the padding entry appended after the grid)."""
+    (h, w), (hc, wc), r = grid, cond_grid, k // 2
+    offsets = torch.arange(-r, r + 1)  # (k,)
+    rows = (torch.arange(h) * hc // h)[:, None] + offsets  # (H, k)
+    cols = (torch.arange(w) * wc // w)[:, None] + offsets  # (W, k)
+    rows, cols = rows[:, None, :, None].expand(h, w, k, k), cols[None, :, None, :].expand(h, w, k, k)
+    inside = (rows >= 0) & (rows < hc) & (cols >= 0) & (cols < wc)  # (H, W, k, k)
+    return torch.where(inside, rows * wc + cols, hc * wc).reshape(h * w, k * k)
 
 
 @dataclass
@@ -50,6 +74,7 @@ class _GPTState:
 
     use_cache: bool
     tokens: torch.Tensor  # (B, L) the prefix, then (without the cache) every code fed so far
+    window: torch.Tensor | None  # (B, T, n_embd) conditioning embeddings of every position (cond_window only)
     past: Any = None  # transformers Cache after the tokens above (use_cache only)
     first_logits: torch.Tensor | None = None  # (B, K) logits for t = 0, computed with the prefix (use_cache)
     next_t: int = 0
@@ -70,6 +95,7 @@ class GPTPrior(Prior):
         n_embd: int = 128,
         n_head: int = 4,
         dropout: float = 0.0,
+        cond_window: int = 0,
     ) -> None:
         """Build the prior from a config (random weights).
 
@@ -86,6 +112,8 @@ class GPTPrior(Prior):
             n_embd: hidden size (must be divisible by ``n_head``).
             n_head: number of attention heads.
             dropout: dropout probability (embeddings, residual and attention for gpt2; attention for llama).
+            cond_window: odd k: condition each code on the k x k upper codes around it, added to its input
+                embedding, instead of a prefix of the whole upper grid (0); needs ``cond_grid``.
         """
         super().__init__(grid, num_codes, num_classes, cond_grid, cond_num_codes)
         if arch not in ARCHS:
@@ -94,13 +122,16 @@ class GPTPrior(Prior):
             raise ValueError(f"n_embd={n_embd} is not divisible by n_head={n_head}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout={dropout}: must be in [0, 1)")
-        self.arch = arch
+        if cond_window < 0 or (cond_window and (cond_window % 2 == 0 or self.cond_grid is None)):
+            raise ValueError(f"cond_window={cond_window}: must be 0 or odd, and > 0 only with cond_grid")
+        self.arch, self.cond_window = arch, cond_window
+        prefix_codes = 0 if self.cond_grid is None or cond_window else self.cond_grid[0] * self.cond_grid[1]
 
-        self.cond_offset = self.num_codes  # first id of the conditioning-level codes
-        self.class_offset = self.num_codes + self.cond_num_codes  # first class id; class_offset + C = null
+        self.cond_offset = self.num_codes  # first id of the conditioning-level codes (prefix conditioning)
+        self.class_offset = self.num_codes + (self.cond_num_codes if prefix_codes else 0)  # class_offset + C = null
         self.null_token = self.class_offset + self.num_classes
         self.vocab_size = self.null_token + 1
-        self.prefix_len = 1 + (0 if self.cond_grid is None else self.cond_grid[0] * self.cond_grid[1])
+        self.prefix_len = 1 + prefix_codes
         self.n_positions = self.prefix_len - 1 + self.seq_len  # positions the network ever sees
 
         common = dict(
@@ -138,6 +169,10 @@ class GPTPrior(Prior):
             )
             model_cls = LlamaForCausalLM
         self.model = model_cls._from_config(config, attn_implementation="sdpa")
+        if cond_window:
+            self.window_embed = nn.EmbeddingBag(cond_window**2 * (self.cond_num_codes + 1), n_embd, mode="sum")
+            nn.init.normal_(self.window_embed.weight, std=0.02)  # the scale of the token embeddings
+            self.register_buffer("window_index", window_index(self.grid, self.cond_grid, cond_window), persistent=False)
 
     # ----------------------------------------------------------------------------------------------- helpers
 
@@ -145,14 +180,22 @@ class GPTPrior(Prior):
         """Number of parameters (tied embeddings counted once)."""
         return sum(p.numel() for p in self.parameters())
 
+    def cache_bytes_per_grid(self, dtype: torch.dtype | None = None) -> int:
+        """The key/value cache of one sequence once every position is fed: 2 (keys and values) x layers x positions
+        x width x bytes per element of ``dtype`` (default: the weights'; Llama here has as many key/value heads as
+        heads)."""
+        cfg, size = self.model.config, (dtype or self.model.dtype).itemsize
+        return 2 * cfg.num_hidden_layers * self.n_positions * cfg.hidden_size * size
+
     @property
     def _param_device(self) -> torch.device:
         return self.model.get_input_embeddings().weight.device
 
     def _prefix(
         self, batch: int, labels: torch.Tensor | None, cond_codes: torch.Tensor | None
-    ) -> torch.Tensor:
-        """(B, 1 + P) prefix ids: class (or null) token, then the conditioning codes (offset ids)."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The conditions: (B, prefix_len) prefix ids (class or null token, then the conditioning codes as offset
+        ids unless windowed) and, with ``cond_window``, the (B, T, n_embd) window embeddings (else None)."""
         device = self._param_device
         if self.num_classes == 0 or labels is None:
             first = torch.full((batch, 1), self.null_token, dtype=torch.long, device=device)
@@ -164,14 +207,33 @@ class GPTPrior(Prior):
                 raise ValueError(f"labels must be in [0, {self.num_classes}] ({self.num_classes} = null)")
             first = (labels + self.class_offset)[:, None]
         if self.cond_grid is None:
-            return first
+            return first, None
         if cond_codes is None:
             raise ValueError(f"this prior is conditioned on a {self.cond_grid} code grid: pass cond_codes")
         if tuple(cond_codes.shape) != (batch, *self.cond_grid):
             expected = (batch, *self.cond_grid)
             raise ValueError(f"cond_codes have shape {tuple(cond_codes.shape)}, expected {expected}")
         cond = cond_codes.to(device=device, dtype=torch.long).reshape(batch, -1)
-        return torch.cat([first, cond + self.cond_offset], dim=1)
+        if self.cond_window:
+            return first, self._window_embeddings(cond)
+        return torch.cat([first, cond + self.cond_offset], dim=1), None
+
+    def _window_embeddings(self, cond: torch.Tensor) -> torch.Tensor:
+        """(B, T, n_embd): for each position, the sum over the k x k window slots of one learned vector per (slot,
+        upper code) -- a linear map of the window's one-hot codes, without building them."""
+        batch, slots = cond.shape[0], self.cond_window**2
+        padded = F.pad(cond, (0, 1), value=self.cond_num_codes)  # (B, P + 1): the padding code last
+        codes = padded[:, self.window_index]  # (B, T, k*k)
+        offsets = torch.arange(slots, device=cond.device) * (self.cond_num_codes + 1)  # each slot its own table
+        return self.window_embed((codes + offsets).flatten(0, 1)).view(batch, self.seq_len, -1)
+
+    def _inputs(self, tokens: torch.Tensor, window: torch.Tensor | None, start: int) -> dict[str, torch.Tensor]:
+        """The network's inputs for ``tokens`` (B, L) at input positions ``start .. start + L - 1``: their ids, or
+        with windowed conditioning their embeddings plus those positions' window embeddings."""
+        if window is None:
+            return {"input_ids": tokens}
+        embeds = self.model.get_input_embeddings()(tokens)  # (B, L, n_embd)
+        return {"inputs_embeds": embeds + window[:, start : start + tokens.shape[1]].to(embeds.dtype)}
 
     def _code_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return logits[..., : self.num_codes]
@@ -188,10 +250,10 @@ class GPTPrior(Prior):
         batch = codes.shape[0]
         if tuple(codes.shape[1:]) != self.grid:
             raise ValueError(f"codes have shape {tuple(codes.shape)}, expected (B, *{self.grid})")
-        prefix = self._prefix(batch, labels, cond_codes)
+        prefix, window = self._prefix(batch, labels, cond_codes)
         flat = codes.to(device=prefix.device, dtype=torch.long).reshape(batch, -1)
         tokens = torch.cat([prefix, flat[:, :-1]], dim=1)  # (B, P + T): the last code is never an input
-        out = self.model(input_ids=tokens, use_cache=False, logits_to_keep=self.seq_len)
+        out = self.model(**self._inputs(tokens, window, 0), use_cache=False, logits_to_keep=self.seq_len)
         return self._code_logits(out.logits)
 
     def begin(
@@ -202,11 +264,11 @@ class GPTPrior(Prior):
         use_cache: bool = True,
     ) -> _GPTState:
         """Build the prefix; with ``use_cache`` run it once, keeping the key/value cache and t = 0 logits."""
-        prefix = self._prefix(batch, labels, cond_codes)
-        state = _GPTState(use_cache=use_cache, tokens=prefix)
+        prefix, window = self._prefix(batch, labels, cond_codes)
+        state = _GPTState(use_cache=use_cache, tokens=prefix, window=window)
         if use_cache:
-            out = self.model(input_ids=prefix, cache=DynamicCache(config=self.model.config), use_cache=True,
-                             logits_to_keep=1)
+            out = self.model(**self._inputs(prefix, window, 0), cache=DynamicCache(config=self.model.config),
+                             use_cache=True, logits_to_keep=1)
             state.past = out.cache
             state.first_logits = self._code_logits(out.logits[:, -1])
         return state
@@ -231,8 +293,9 @@ class GPTPrior(Prior):
             if not state.use_cache:
                 state.tokens = torch.cat([state.tokens, new], dim=1)
         if state.use_cache:
-            out = self.model(input_ids=new, cache=state.past, use_cache=True)
+            out = self.model(**self._inputs(new, state.window, self.prefix_len - 1 + t), cache=state.past,
+                             use_cache=True)
             state.past = out.cache
         else:  # baseline: recompute the whole sequence so far
-            out = self.model(input_ids=state.tokens, use_cache=False, logits_to_keep=1)
+            out = self.model(**self._inputs(state.tokens, state.window, 0), use_cache=False, logits_to_keep=1)
         return self._code_logits(out.logits[:, -1])
