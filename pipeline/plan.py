@@ -6,8 +6,11 @@ Everything here is arithmetic on the config; no model is trained and nothing is 
 counts are checked against models built on the ``meta`` device). Every assumption is a named constant below
 or a flag, and the printed plan lists them. The formulas, per image (micro-batch = images per GPU):
 
+* grids and networks: the config's own accessors, as the stages use them (``VQVAEConfig.level_downsampling``,
+  ``PriorConfig.net_for`` and ``window_for``), so the plan is of the models ``make stage1 stage2`` builds.
 * transformer parameters: gpt2 ``V d + S d + L (12 d^2 + 13 d) + 2 d`` (tied head); llama ``2 V d +
-  L (4 d^2 + 3 d I + 2 d) + d``, ``I`` = SwiGLU width; V = vocabulary, S = positions (``pipeline.priors.gpt``).
+  L (4 d^2 + 3 d I + 2 d) + d``, ``I`` = SwiGLU width; V = vocabulary (without the upper codes when windowed),
+  S = positions; a ``k x k`` conditioning window adds ``k^2 (Kc + 1) d`` (``pipeline.priors.gpt``).
 * transformer training FLOPs: ``6 N S + 12 L d S^2`` with N the weights of matmuls (blocks + head): the
   6 N S of Kaplan et al. 2020 plus attention counted over the whole sequence as in PaLM's MFU (Chowdhery et
   al. 2022, app. B).
@@ -17,8 +20,9 @@ or a flag, and the printed plan lists them. The formulas, per image (micro-batch
   masks) and 56 (llama) on CPU autocast with flash attention (tests/test_plan.py checks it). With activation
   checkpointing per block: ``4 S d L + c S d`` (fp32 block inputs plus one block recomputed). A gated
   PixelCNN saves 32 bytes per position x channel x layer (measured 31).
-* KV cache for sampling: ``2 L S d`` values per sequence (keys and values of every position fed), twice the
-  sequences with classifier-free guidance (``pipeline.sampling``); a PixelCNN keeps a few rows per layer.
+* KV cache for sampling: ``2 L S d`` values of ``sample.dtype`` per sequence (keys and values of every position
+  fed), twice the sequences with classifier-free guidance, and the batch lowered to fit ``sample.max_kv_gib`` as
+  the sampler lowers it (``pipeline.sampling``); a PixelCNN keeps a few rows per layer.
 * VQ-VAE: every convolution walked as ``pipeline.vqvae`` builds it (``vqvae_layers``): parameters, FLOPs
   ``2 x outputs x c_in x k^2`` (input positions for a transposed convolution, as ``torch.utils.flop_counter``
   counts), activations = every convolution and ReLU output; training = 3 x forward.
@@ -33,10 +37,10 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import Config, PriorNetConfig, prior_net_from_dict
+from pipeline.config import Config
 
 GIB = 2**30
 PEAK_TFLOPS = {"h100": 989.0, "a100": 312.0}  # bf16 dense tensor-core peak (SXM), TFLOP/s
@@ -53,40 +57,16 @@ ACT_COEF = {"gpt2": 62, "llama": 56}  # saved bytes per position x width x block
 CKPT_INPUT_BYTES = 4  # per position x width x block with activation checkpointing: the fp32 residual stream
 LOGIT_BYTES = 10  # per logit: bf16 output 2 + fp32 copy for the cross-entropy 4 + its gradient 4
 PIXELCNN_ACT_COEF = 32  # saved bytes per position x channel x gated layer under bf16 autocast (measured: 31)
-PENDING_KEYS = ("vqvae.strides", "prior.levels", "prior.cond_window", "sample.max_kv_gib")  # being added
 
 
 # ---------------------------------------------------------------------------------------------------------
-# the config's geometry: the functions to switch to the real accessors once the pending keys land
-
-
-def level_strides(cfg: Config) -> list[int]:
-    """Downsampling of each level relative to the one below (the image for the bottom), bottom first:
-    ``vqvae.strides`` when set, else 4 for the bottom and 2 for each further level (``pipeline.vqvae``)."""
-    strides = list(getattr(cfg.vqvae, "strides", None) or [])
-    return strides or [4] + [2] * (cfg.vqvae.levels - 1)
+# the config's geometry
 
 
 def grid_sides(cfg: Config) -> list[int]:
-    """Side of each level's square code grid, top first."""
-    sides, side = [], cfg.data.image_size
-    for stride in level_strides(cfg):
-        side //= stride
-        sides.append(side)
-    return sides[::-1]
-
-
-def level_net(cfg: Config, name: str) -> PriorNetConfig:
-    """The prior network of a level: ``prior.levels[name]`` when set, else ``prior.top`` / ``prior.bottom``."""
-    net = (getattr(cfg.prior, "levels", None) or {}).get(name)
-    if isinstance(net, dict):  # a pending override, not yet built by the config
-        net = prior_net_from_dict(net, f"prior.levels.{name}")
-    return net or (cfg.prior.top if name == "top" else cfg.prior.bottom)
-
-
-def cond_window(cfg: Config) -> int:
-    """``prior.cond_window``: 0 = a lower prior reads the whole upper grid as a prefix; k = a k x k window."""
-    return int(getattr(cfg.prior, "cond_window", 0) or 0)
+    """Side of each level's square code grid, top first: the image side over the level's total downsampling,
+    ``VQVAEConfig.level_downsampling``, the function ``VQVAE2.grid_shapes`` reads too (one source for both)."""
+    return [cfg.data.image_size // d for d in cfg.vqvae.level_downsampling()]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -103,16 +83,21 @@ class PriorShape:
     num_classes: int
     cond_side: int = 0  # upper grid side (0 = top prior)
     cond_num_codes: int = 0
-    window: int = 0  # prior.cond_window
+    window: int = 0  # the level's conditioning window, PriorConfig.window_for (0: none or the whole upper grid)
 
     @property
     def tokens(self) -> int:
         return self.side**2
 
     @property
+    def prefix_codes(self) -> int:
+        """Upper codes in the sequence: the whole upper grid, unless windowed (then they are added embeddings)."""
+        return self.cond_side**2 if self.cond_side and not self.window else 0
+
+    @property
     def prefix(self) -> int:
-        """Tokens before the codes: the class token, then the whole upper grid unless windowed."""
-        return 1 + (self.cond_side**2 if self.cond_side and not self.window else 0)
+        """Tokens before the codes: the class token, then the upper grid's codes (``prefix_codes``)."""
+        return 1 + self.prefix_codes
 
     @property
     def positions(self) -> int:
@@ -121,7 +106,8 @@ class PriorShape:
 
     @property
     def vocab(self) -> int:
-        return self.num_codes + self.cond_num_codes + self.num_classes + 1
+        """A GPT's vocabulary: its codes, the upper codes when they are in the sequence, classes, the null token."""
+        return self.num_codes + (self.cond_num_codes if self.prefix_codes else 0) + self.num_classes + 1
 
 
 def llama_intermediate(d: int) -> int:
@@ -129,10 +115,10 @@ def llama_intermediate(d: int) -> int:
 
 
 def gpt_params(net, s: PriorShape) -> tuple[int, int]:
-    """(all parameters, weights of matmuls) of a GPT prior. A windowed lower prior is assumed to embed the upper
-    codes and the window offsets: (Kc + k^2) d more (exact once prior.cond_window lands)."""
+    """(all parameters, weights of matmuls) of a GPT prior. A windowed one adds a table of one vector per window
+    slot and upper code (or padding): k^2 (Kc + 1) d, gathered and summed, not a matmul (``pipeline.priors.gpt``)."""
     d, layers, v = net.n_embd, net.n_layer, s.vocab
-    window = (s.cond_num_codes + s.window**2) * d if s.cond_side and s.window else 0
+    window = s.window**2 * (s.cond_num_codes + 1) * d
     if net.arch == "gpt2":
         blocks = layers * (12 * d * d + 13 * d)
         return v * d + s.positions * d + blocks + 2 * d + window, layers * 12 * d * d + v * d
@@ -162,11 +148,12 @@ class PriorPlan:
     flops: float  # training FLOPs per image
     act: float  # activation bytes per image, no checkpointing
     act_ckpt: float  # with activation checkpointing per block
-    kv: float  # sampling state bytes per sequence (KV cache for a GPT), bf16
+    kv: float  # sampling state bytes per sequence (KV cache for a GPT) in the sampling dtype
 
 
-def plan_prior(net, s: PriorShape) -> PriorPlan:
-    """Parameters, training FLOPs, activations and sampling state of one prior, per image."""
+def plan_prior(net, s: PriorShape, state_bytes: int) -> PriorPlan:
+    """Parameters, training FLOPs, activations and sampling state (``state_bytes`` per element: ``sample.dtype``'s)
+    of one prior, per image."""
     if net.kind == "gpt":
         params, matmul = gpt_params(net, s)
         d, layers, n = net.n_embd, net.n_layer, s.positions
@@ -174,12 +161,12 @@ def plan_prior(net, s: PriorShape) -> PriorPlan:
         logits = s.tokens * s.vocab * LOGIT_BYTES  # the network's logits cover the whole vocabulary
         coef = ACT_COEF[net.arch]
         act, act_ckpt = coef * n * d * layers + logits, CKPT_INPUT_BYTES * n * d * layers + coef * n * d + logits
-        return PriorPlan(s, net, params, flops, act, act_ckpt, kv_cache_bytes(layers, d, n, BF16))
+        return PriorPlan(s, net, params, flops, act, act_ckpt, kv_cache_bytes(layers, d, n, state_bytes))
     params = pixelcnn_params(net, s)
     c, n = net.channels, s.tokens
     flops = 6 * (params - s.num_codes * c) * n  # every conv weight at every position: an upper bound
     act = PIXELCNN_ACT_COEF * c * n * net.layers + s.tokens * s.num_codes * LOGIT_BYTES
-    return PriorPlan(s, net, params, flops, act, act, pixelcnn_state_bytes(net, s, BF16))
+    return PriorPlan(s, net, params, flops, act, act, pixelcnn_state_bytes(net, s, state_bytes))
 
 
 def pixelcnn_state_bytes(net, s: PriorShape, dtype_bytes: int) -> int:
@@ -203,9 +190,9 @@ def prior_shapes(cfg: Config, num_classes: int) -> list[PriorShape]:
     """One prior per level, top first; each lower one conditioned on the level above."""
     from pipeline.vqvae import level_names
 
-    k, sides, window = cfg.vqvae.codebook_size, grid_sides(cfg), cond_window(cfg)
-    return [PriorShape(name, side, k, num_classes, sides[i - 1] if i else 0, k if i else 0, window if i else 0)
-            for i, (name, side) in enumerate(zip(level_names(cfg.vqvae.levels), sides))]
+    k, sides, names = cfg.vqvae.codebook_size, grid_sides(cfg), level_names(cfg.vqvae.levels)
+    return [PriorShape(name, sides[i], k, num_classes, sides[i - 1] if i else 0, k if i else 0,
+                       cfg.prior.window_for(name)) for i, name in enumerate(names)]
 
 
 def built_prior_params(net, s: PriorShape) -> int:
@@ -216,7 +203,7 @@ def built_prior_params(net, s: PriorShape) -> int:
 
     with torch.device("meta"):
         prior = build_prior(net, (s.side, s.side), s.num_codes, s.num_classes,
-                            (s.cond_side, s.cond_side) if s.cond_side else None, s.cond_num_codes)
+                            (s.cond_side, s.cond_side) if s.cond_side else None, s.cond_num_codes, s.window)
     return sum(p.numel() for p in prior.parameters())
 
 
@@ -262,7 +249,7 @@ def _res_blocks(ch, rc, n, side) -> list[Layer]:
 
 
 def _encoder_layers(c_in, ch, rc, nr, stride, side) -> list[Layer]:
-    """``pipeline.vqvae._encoder``; a stride 2^n > 4 is assumed to chain n 4x4 stride-2 convolutions."""
+    """``pipeline.vqvae._encoder``: log2(stride) 4x4 stride-2 convolutions (widths ch/2, ch, ch, ...)."""
     layers, n = [], int(math.log2(stride))
     for j in range(n):
         layers += [_conv(c_in if j == 0 else (ch // 2 if j == 1 else ch), ch // 2 if j == 0 else ch, 4, side, 2)]
@@ -273,7 +260,7 @@ def _encoder_layers(c_in, ch, rc, nr, stride, side) -> list[Layer]:
 
 
 def _decoder_layers(c_in, c_out, ch, rc, nr, stride, side) -> list[Layer]:
-    """``pipeline.vqvae._decoder``; a stride 2^n > 4 is assumed to chain more 4x4 stride-2 transposed convs."""
+    """``pipeline.vqvae._decoder``: log2(stride) 4x4 stride-2 transposed convolutions (widths ..., ch, ch/2, c_out)."""
     layers = [_conv(c_in, ch, 3, side)] + _res_blocks(ch, rc, nr, side) + [_relu(ch, side)]
     n = int(math.log2(stride))
     widths = [ch] * max(n - 2, 0) + ([ch, ch // 2] if n >= 2 else [ch]) + [c_out]
@@ -287,7 +274,7 @@ def _decoder_layers(c_in, c_out, ch, rc, nr, stride, side) -> list[Layer]:
 
 def vqvae_layers(cfg: Config) -> list[Layer]:
     """Every convolution and ReLU of the VQ-VAE-2 forward pass, in ``pipeline.vqvae.VQVAE2``'s order."""
-    v, strides = cfg.vqvae, level_strides(cfg)
+    v, strides = cfg.vqvae, cfg.vqvae.level_strides()
     ch, rc, nr, dim, n = v.channels, v.res_channels, v.res_blocks, v.code_dim, v.levels
     sides = grid_sides(cfg)[::-1]  # bottom first, as inside VQVAE2
     layers = _encoder_layers(cfg.data.channels, ch, rc, nr, strides[0], cfg.data.image_size)
@@ -324,16 +311,12 @@ def plan_stage1(cfg: Config) -> Stage1Plan:
     return Stage1Plan(sum(x.params for x in layers) + codebooks, 3 * (sum(x.flops for x in layers) + dist_flops), act)
 
 
-def built_vqvae_params(cfg: Config) -> int | None:
-    """Parameters of the VQ-VAE as the code builds it (meta device); None while ``vqvae.strides`` is set but not
-    yet a key of this code's config (the code would build another model)."""
+def built_vqvae_params(cfg: Config) -> int:
+    """Parameters of the VQ-VAE as the code builds it (meta device: nothing allocated)."""
     import torch
 
-    from pipeline.config import VQVAEConfig
     from pipeline.vqvae import VQVAE2
 
-    if getattr(cfg.vqvae, "strides", None) and "strides" not in {f.name for f in fields(VQVAEConfig)}:
-        return None
     with torch.device("meta"):
         model = VQVAE2(cfg.vqvae, cfg.data.channels)
     return sum(p.numel() for p in model.parameters())
@@ -380,23 +363,50 @@ def images_per_second(flops_per_image: float, a: Assumptions) -> float:
     return a.gpus * PEAK_TFLOPS[a.gpu] * 1e12 * a.mfu / flops_per_image
 
 
+def sample_dtype_bytes(cfg: Config) -> int:
+    """Bytes per element of ``sample.dtype``: the sampled priors' weights and their key/value caches."""
+    import torch
+
+    return getattr(torch, cfg.sample.dtype).itemsize
+
+
+def is_guided(cfg: Config, num_classes: int) -> bool:
+    """Whether sampling doubles its sequences for classifier-free guidance (``pipeline.sampling.is_guided``)."""
+    return cfg.sample.guidance != 1.0 and num_classes > 0 and cfg.sample.labels != "none"
+
+
+def kv_batch_limit(cfg: Config, plans: list[PriorPlan], guided: bool) -> int | None:
+    """The most images whose largest GPT key/value cache fits ``sample.max_kv_gib`` (0 when not one does), as
+    ``pipeline.sampling.cache_batch_limit`` counts it; None without a budget or without a GPT (a PixelCNN's
+    rows are not counted)."""
+    per_image = max((p.kv for p in plans if p.net.kind == "gpt"), default=0) * (2 if guided else 1)
+    if not cfg.sample.max_kv_gib or not per_image:
+        return None
+    return int(cfg.sample.max_kv_gib * GIB // per_image)
+
+
 def sampling_batch(cfg: Config, plans: list[PriorPlan], guided: bool) -> int:
-    """Images per sampling batch: ``sample.max_kv_gib`` worth of the largest state when set, else
-    ``sample.batch_size``."""
-    max_kv = float(getattr(cfg.sample, "max_kv_gib", 0) or 0)
-    if not max_kv:
-        return cfg.sample.batch_size
-    per_image = max(p.kv for p in plans) * (2 if guided else 1)
-    return max(1, int(max_kv * GIB // per_image))
+    """Images per sampling batch, as ``Sampler.kv_batch_size`` picks it: ``sample.batch_size``, lowered to what
+    ``sample.max_kv_gib`` holds (at least 1 here; sampling itself stops with an error when not one image fits)."""
+    limit = kv_batch_limit(cfg, plans, guided)
+    return cfg.sample.batch_size if limit is None else max(1, min(cfg.sample.batch_size, limit))
 
 
-def decode_seconds_per_image(plans: list[PriorPlan], batch: int, guided: bool, a: Assumptions) -> float:
-    """KV-cached sampling on one GPU is bound by memory bandwidth: each step reads the bf16 weights once and the
-    cache of every sequence (half full on average after the prefix)."""
+def sampling_weight_bytes(cfg: Config, prior_params: int, vqvae_params: int) -> int:
+    """Weights on a GPU while sampling: the sampler keeps its fp32 priors and VQ-VAE, plus the priors' copies in
+    ``sample.dtype`` when it is not float32 (``Sampler.priors_in``)."""
+    copies = sample_dtype_bytes(cfg) * prior_params if sample_dtype_bytes(cfg) != FP32 else 0
+    return FP32 * (prior_params + vqvae_params) + copies
+
+
+def decode_seconds_per_image(plans: list[PriorPlan], batch: int, guided: bool, a: Assumptions,
+                             weight_bytes: int) -> float:
+    """KV-cached sampling on one GPU is bound by memory bandwidth: each step reads the weights once
+    (``weight_bytes`` per parameter) and the cache of every sequence (half full on average after the prefix)."""
     rows, total = batch * (2 if guided else 1), 0.0
     for p in plans:
         average_cache = p.kv * (p.shape.prefix + p.shape.tokens / 2) / max(p.shape.positions, 1)
-        total += p.shape.tokens * (BF16 * p.params + rows * average_cache) / (HBM_TBPS[a.gpu] * 1e12)
+        total += p.shape.tokens * (weight_bytes * p.params + rows * average_cache) / (HBM_TBPS[a.gpu] * 1e12)
     return total / batch
 
 

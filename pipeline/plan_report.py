@@ -1,38 +1,36 @@
 """The printed GPU plan (``python -m pipeline.plan --config C [key=value ...]``): the config loaded with its
-overrides, including the pending keys this code's config does not have yet, then the tables of
-:mod:`pipeline.plan` as Markdown, with every assumption listed above them."""
+overrides as every stage loads it, then the tables of :mod:`pipeline.plan` as Markdown, with every assumption
+listed above them."""
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import Config, load_config, parse_override
+from pipeline.config import Config, load_config
 from pipeline.plan import (
-    BF16,
     GIB,
     GPU_GIB,
     MFU,
     PEAK_TFLOPS,
-    PENDING_KEYS,
     RESERVE_GIB,
     Assumptions,
     PriorPlan,
     Stage1Plan,
     built_prior_params,
     built_vqvae_params,
-    cond_window,
     decode_seconds_per_image,
     images_per_second,
-    level_net,
-    level_strides,
+    is_guided,
+    kv_batch_limit,
     plan_prior,
     plan_stage1,
     prior_shapes,
+    sample_dtype_bytes,
     sampling_batch,
+    sampling_weight_bytes,
     train_memory,
 )
 
@@ -68,21 +66,20 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
 
 
 def _levels_table(cfg: Config, s1: Stage1Plan, priors: list[PriorPlan]) -> list[str]:
-    built = built_vqvae_params(cfg)
     rows = [["VQ-VAE (stage 1)", f"{cfg.data.image_size} px", "", "", "", "", f"{s1.params:,}",
-             "n/a (vqvae.strides not in the code yet)" if built is None else f"{built:,}"]]
+             f"{built_vqvae_params(cfg):,}"]]
     for p in priors:
         s, net = p.shape, p.net
         desc = f"{net.kind} {net.arch} {net.n_layer}x{net.n_embd}" if net.kind == "gpt" else \
             f"pixelcnn {net.layers}x{net.channels}"
-        pending = s.window and "cond_window" not in {f.name for f in fields(type(cfg.prior))}
         gpt = net.kind == "gpt"  # a PixelCNN reads the upper grid through its conditioning network: no prefix
-        rows.append([f"{s.name} prior ({desc})", f"{s.side}x{s.side}", f"{s.tokens:,}", f"{s.prefix:,}" if gpt else "",
-                     f"{s.positions if gpt else s.tokens:,}", f"{s.tokens:,}" if s.cond_side and gpt else "",
-                     f"{p.params:,}",
-                     "n/a (prior.cond_window not in the code yet)" if pending else f"{built_prior_params(net, s):,}"])
-    return _table(["model", "grid", "tokens/image", "prefix (class + upper grid)", "positions (= KV length)",
-                   "positions, windowed", "params (formula)", "params (built, meta)"], rows)
+        window = f"{s.window} x {s.window}" if s.window else ("whole grid" if s.cond_side and gpt else "")
+        rows.append([f"{s.name} prior ({desc})", f"{s.side}x{s.side}", f"{s.tokens:,}", window,
+                     f"{s.prefix:,}" if gpt else "", f"{s.positions if gpt else s.tokens:,}", f"{p.params:,}",
+                     f"{built_prior_params(net, s):,}"])
+    return _table(["model", "grid", "tokens/image", "upper codes seen (prior.cond_window)",
+                   "prefix (class + upper grid)", "positions (= KV length)", "params (formula)",
+                   "params (built, meta)"], rows)
 
 
 @dataclass
@@ -137,34 +134,37 @@ def _throughput_table(cfg: Config, s1: Stage1Plan, priors: list[PriorPlan], a: A
 
 
 def _sampling_table(cfg: Config, s1: Stage1Plan, priors: list[PriorPlan], a: Assumptions) -> list[str]:
-    guided = cfg.sample.guidance != 1.0 and priors[0].shape.num_classes > 0
-    batch, factor = sampling_batch(cfg, priors, guided), 2 if guided else 1
-    weights = BF16 * (sum(p.params for p in priors) + s1.params)
-    usable = (a.gpu_gib - RESERVE_GIB) * GIB
-    rows = []
+    guided = is_guided(cfg, priors[0].shape.num_classes)
+    batch, factor, limit = sampling_batch(cfg, priors, guided), 2 if guided else 1, kv_batch_limit(cfg, priors, guided)
+    weights = sampling_weight_bytes(cfg, sum(p.params for p in priors), s1.params)
+    usable, rows = (a.gpu_gib - RESERVE_GIB) * GIB, []
     for p in priors:
         most = int((usable - weights) // (p.kv * factor))
         total = weights + p.kv * factor * batch
         length = f"{p.shape.positions:,}" if p.net.kind == "gpt" else "rows"
         rows.append([p.shape.name, f"{batch} x {factor}", length, f"{p.kv / 2**20:.1f}",
                      _gib(p.kv * factor * batch), _gib(total) + ("" if total <= usable else " (over)"), f"{most:,}"])
-    rate = a.gpus / decode_seconds_per_image(priors, batch, guided, a)
-    source = f"sample.max_kv_gib={cfg.sample.max_kv_gib:g}" if getattr(cfg.sample, "max_kv_gib", 0) else \
-        "sample.batch_size"
+    rate = a.gpus / decode_seconds_per_image(priors, batch, guided, a, sample_dtype_bytes(cfg))
+    source = "sample.batch_size" if limit is None else \
+        f"sample.batch_size={cfg.sample.batch_size} within sample.max_kv_gib={cfg.sample.max_kv_gib:g}"
+    too_small = [] if limit != 0 else [f"sample.max_kv_gib={cfg.sample.max_kv_gib:g} holds no image's key/value "
+                                       "cache: sampling would stop with an error (raise it, or 0 for no limit)."]
     return _table(["level", "sequences/GPU (batch x guidance)", "KV length", "KV MiB/sequence", "KV cache GiB/GPU",
-                   "with all bf16 weights GiB/GPU", "largest batch that fits"], rows) + \
-        ["", f"Sampling batch {batch} per GPU ({source}); guidance {cfg.sample.guidance:g}: "
+                   "with all weights GiB/GPU", "largest batch that fits"], rows) + \
+        ["", f"Sampling batch {batch} per GPU ({source}) in {cfg.sample.dtype} (sample.dtype: the KV cache and the "
+             f"priors' copies; the sampler keeps its fp32 weights too); guidance {cfg.sample.guidance:g}: "
              f"{'x2 sequences' if guided else 'off'}. Bandwidth-bound estimate: {rate:,.1f} images/s on {a.gpus} "
-             f"GPUs, {_duration(cfg.sample.num / rate)} for sample.num={cfg.sample.num:,}."]
+             f"GPUs, {_duration(cfg.sample.num / rate)} for sample.num={cfg.sample.num:,}.", *too_small]
 
 
-def plan_text(cfg: Config, a: Assumptions, source: str = "", pending: list[str] = ()) -> str:
+def plan_text(cfg: Config, a: Assumptions, source: str = "") -> str:
     """The whole printed plan: assumptions, then the four tables."""
     num_classes = a.classes if cfg.prior.class_conditional else 0
     s1 = plan_stage1(cfg)
-    priors = [plan_prior(level_net(cfg, s.name), s) for s in prior_shapes(cfg, num_classes)]
+    priors = [plan_prior(cfg.prior.net_for(s.name), s, sample_dtype_bytes(cfg))
+              for s in prior_shapes(cfg, num_classes)]
     head = [f"# GPU plan for {source or 'the config'}: {cfg.data.image_size} px, {cfg.vqvae.levels} levels, "
-            f"strides {level_strides(cfg)} (bottom first), cond_window {cond_window(cfg)}, "
+            f"strides {cfg.vqvae.level_strides()} (bottom first), cond_window {cfg.prior.cond_window}, "
             f"{num_classes} classes" + (" (class-conditional, but how many classes? --classes N)"
                                           if cfg.prior.class_conditional and not num_classes else ""), ""] \
         + [f"- {line}" for line in a.lines()]
@@ -173,68 +173,10 @@ def plan_text(cfg: Config, a: Assumptions, source: str = "", pending: list[str] 
         "unknown dataset size (--epoch-images N)"
     head.append(f"- prepared data (uint8 pixels, RUN/data): {disk}; stage 1's FLOP rate is an upper bound (small "
                 "convolutions and data loading limit it first)")
-    if pending:
-        head.append(f"- pending keys (not in pipeline/config.py yet, used by this plan only): {' '.join(pending)}")
     return "\n".join(head + ["", "## Levels and sequences", ""] + _levels_table(cfg, s1, priors)
                      + ["", "## Training memory per GPU (GiB)", ""] + _memory_table(cfg, s1, priors, a)
                      + ["", "## Training throughput", ""] + _throughput_table(cfg, s1, priors, a)
                      + ["", "## Sampling memory and speed per GPU", ""] + _sampling_table(cfg, s1, priors, a)) + "\n"
-
-
-def load_plan_config(path: str | None, overrides: list[str]) -> tuple[Config, list[str]]:
-    """The config with its overrides; an override of a pending key this code's config does not have yet is set
-    on the loaded config for the plan only (``prior.levels.middle1.n_layer=12`` builds the nested dict)."""
-    known, pending = [], []
-    for text in overrides:
-        keys, value = parse_override(text)
-        section = ".".join(keys[:2])
-        if section in PENDING_KEYS and not _has_field(keys[0], keys[1]):
-            pending.append((keys, value, text))
-        else:
-            known.append(text)
-    cfg = load_config(path, known)
-    for keys, value, _ in pending:
-        node = getattr(cfg, keys[0])
-        if len(keys) == 2:
-            setattr(node, keys[1], value)
-            continue
-        nested = getattr(node, keys[1], None) or {}
-        setattr(node, keys[1], nested)
-        for part in keys[2:-1]:
-            nested = nested.setdefault(part, {})
-        nested[keys[-1]] = value
-    check_pending(cfg)
-    return cfg, [text for _, _, text in pending]
-
-
-def check_pending(cfg: Config) -> None:
-    """The rules of the pending keys' values, so a plan is never printed for a model the code could not build."""
-    from pipeline.config import ConfigError
-    from pipeline.vqvae import level_names
-
-    strides, levels = list(getattr(cfg.vqvae, "strides", None) or []), cfg.vqvae.levels
-    if strides and (len(strides) != levels or any(not isinstance(s, int) or s < 2 or s & (s - 1) for s in strides)
-                    or cfg.data.image_size % math.prod(strides)):
-        raise ConfigError(f"vqvae.strides={strides} is not allowed: one power of 2 (>= 2) per level (vqvae.levels="
-                          f"{levels}), bottom first, whose product divides data.image_size={cfg.data.image_size}")
-    unknown = set(getattr(cfg.prior, "levels", None) or {}) - set(level_names(levels))
-    if unknown:
-        raise ConfigError(f"prior.levels has {', '.join(sorted(unknown))}: the levels are "
-                          f"{', '.join(level_names(levels))}")
-    for name in getattr(cfg.prior, "levels", None) or {}:
-        level_net(cfg, name).validate(f"prior.levels.{name}")
-    window = getattr(cfg.prior, "cond_window", 0)
-    if not isinstance(window, int) or window < 0:
-        raise ConfigError(f"prior.cond_window={window!r} is not allowed: an integer >= 0 (0 = the whole upper grid)")
-    kv = getattr(cfg.sample, "max_kv_gib", 0)
-    if not isinstance(kv, (int, float)) or kv < 0:
-        raise ConfigError(f"sample.max_kv_gib={kv!r} is not allowed: a number of GiB >= 0 (0 = sample.batch_size)")
-
-
-def _has_field(section: str, name: str) -> bool:
-    from pipeline import config
-
-    return name in {f.name for f in fields(getattr(config.Config(), section))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.plan", description="Print the GPU plan of a config: "
                                      "grids, sequences, parameters, memory per GPU, throughput (see pipeline/plan.py).")
     parser.add_argument("--config", required=True, help="the YAML preset, e.g. configs/imagenet256.yaml")
-    parser.add_argument("overrides", nargs="*", help=f"key=value, also the pending keys {', '.join(PENDING_KEYS)}")
+    parser.add_argument("overrides", nargs="*", help="key=value, as for the stages (e.g. prior.cond_window=9)")
     parser.add_argument("--gpu", choices=sorted(PEAK_TFLOPS), default="h100", help="peak FLOP/s and bandwidth")
     parser.add_argument("--mfu", type=float, default=MFU, help="model FLOPs utilisation of training")
     parser.add_argument("--gpu-gib", type=float, default=GPU_GIB, help="memory per GPU")
@@ -254,12 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def run() -> None:
-        cfg, pending = load_plan_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides)
         images, classes = dataset_defaults(cfg)
         a = Assumptions(args.gpu, args.mfu, args.gpu_gib, args.gpus or cfg.fabric.devices * cfg.fabric.num_nodes,
                         images if args.epoch_images < 0 else args.epoch_images,
                         classes if args.classes < 0 else args.classes)
-        print(plan_text(cfg, a, args.config, pending), end="")
+        print(plan_text(cfg, a, args.config), end="")
 
     return report_errors(run, args.debug)
 

@@ -9,19 +9,24 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline import plan
-from pipeline.config import load_config
-from pipeline.plan_report import dataset_defaults, load_plan_config, main
+from pipeline.config import level_names, load_config
+from pipeline.plan_report import dataset_defaults, main
 from pipeline.priors import build_prior
-from pipeline.sampling import image_uniforms, sample_level
+from pipeline.sampling import cache_batch_limit, image_uniforms, sample_level
 from pipeline.vqvae import VQVAE2
 from tests.conftest import SMOKE
 
-FFHQ_PENDING = ["vqvae.strides=[8,2,2]", "prior.levels.middle1.kind=gpt", "prior.levels.middle1.arch=llama",
-                "prior.levels.middle1.n_layer=16", "prior.levels.middle1.n_embd=1024",
-                "prior.levels.middle1.n_head=16"]  # the pending keys of configs/ffhq1024.yaml's comment block
+# a strided 3-level geometry (grids 2, 8, 16 at 32 px), its own middle network and windowed lower GPTs
+STRIDED = ["vqvae.levels=3", "data.image_size=32", "vqvae.strides=[2,2,4]", "prior.levels.middle1.arch=llama",
+           "prior.levels.middle1.n_layer=2", "prior.levels.middle1.n_embd=48", "prior.cond_window=3"]
 
 
-def test_plan_presets_load_with_todays_config():
+def _meta_vqvae(cfg) -> VQVAE2:
+    with torch.device("meta"):
+        return VQVAE2(cfg.vqvae, cfg.data.channels)
+
+
+def test_plan_presets_load():
     imagenet = load_config("configs/imagenet256.yaml")
     assert (imagenet.data.image_size, imagenet.data.channels, imagenet.vqvae.levels) == (256, 3, 2)
     assert imagenet.prior.class_conditional
@@ -32,6 +37,15 @@ def test_plan_presets_load_with_todays_config():
         assert (f.accelerator, f.devices, f.strategy, f.precision) == ("cuda", 8, "fsdp", "bf16-mixed")
 
 
+def test_ffhq_preset_has_the_papers_grids_and_a_middle_prior_of_its_own():
+    cfg = load_config("configs/ffhq1024.yaml")
+    assert _meta_vqvae(cfg).grid_shapes(1024) == [(32, 32), (64, 64), (128, 128)]
+    assert plan.grid_sides(cfg) == [32, 64, 128]
+    middle, bottom = cfg.prior.net_for("middle1"), cfg.prior.net_for("bottom")
+    assert (middle.arch, middle.n_layer, middle.n_embd) == ("llama", 16, 1024)
+    assert (bottom.n_layer, bottom.n_embd) == (8, 512) and middle is not bottom
+
+
 def test_dataset_sizes_by_name_or_folder():
     assert dataset_defaults(load_config("configs/imagenet256.yaml")) == (1_281_167, 1000)
     assert dataset_defaults(load_config("configs/ffhq1024.yaml")) == (70_000, 0)
@@ -39,42 +53,53 @@ def test_dataset_sizes_by_name_or_folder():
 
 
 def test_grids_and_sequences_of_the_presets():
-    imagenet, _ = load_plan_config("configs/imagenet256.yaml", [])
+    imagenet = load_config("configs/imagenet256.yaml")
     shapes = plan.prior_shapes(imagenet, 1000)
     assert [(s.side, s.prefix, s.positions) for s in shapes] == [(32, 1, 1024), (64, 1 + 1024, 5120)]
-    windowed, pending = load_plan_config("configs/imagenet256.yaml", ["prior.cond_window=8"])
-    assert pending == ["prior.cond_window=8"]  # not a key of today's config: set for the plan only
-    assert [s.positions for s in plan.prior_shapes(windowed, 1000)] == [1024, 4096]
-    ffhq, _ = load_plan_config("configs/ffhq1024.yaml", FFHQ_PENDING)
-    assert plan.grid_sides(ffhq) == [32, 64, 128]  # the paper's grids; today's strides give 64, 128, 256
-    assert plan.grid_sides(load_config("configs/ffhq1024.yaml")) == [64, 128, 256]
-    assert plan.level_net(ffhq, "middle1").n_layer == 16 and plan.level_net(ffhq, "bottom").n_layer == 8
+    windowed = load_config("configs/imagenet256.yaml", ["prior.cond_window=9"])
+    assert [(s.window, s.positions) for s in plan.prior_shapes(windowed, 1000)] == [(0, 1024), (9, 4096)]
+    ffhq = load_config("configs/ffhq1024.yaml")
     assert [s.positions for s in plan.prior_shapes(ffhq, 0)] == [1024, 5120, 4096 + 16384]
+    pixel_bottom = load_config("configs/ffhq1024.yaml", ["prior.cond_window=7", "prior.bottom.kind=pixelcnn"])
+    assert [s.window for s in plan.prior_shapes(pixel_bottom, 0)] == [0, 7, 0]  # PriorConfig.window_for: GPTs only
 
 
-@pytest.mark.parametrize("config,overrides", [("configs/imagenet256.yaml", []), ("configs/ffhq1024.yaml", FFHQ_PENDING),
+@pytest.mark.parametrize("overrides", [[], STRIDED, ["vqvae.levels=2", "data.image_size=64", "vqvae.strides=[8,2]"],
+                                       ["vqvae.levels=1", "vqvae.strides=[16]"]])
+def test_plan_grids_are_the_built_models(overrides):
+    cfg = load_config(SMOKE, overrides)
+    model = VQVAE2(cfg.vqvae, cfg.data.channels).eval()
+    size = cfg.data.image_size
+    codes = model.encode(torch.rand(1, cfg.data.channels, size, size) * 2 - 1)
+    assert [(s, s) for s in plan.grid_sides(cfg)] == model.grid_shapes(size) == [tuple(c.shape[1:]) for c in codes]
+
+
+@pytest.mark.parametrize("config,overrides", [("configs/imagenet256.yaml", []), ("configs/ffhq1024.yaml", []),
+                                              ("configs/imagenet256.yaml", ["prior.cond_window=9",
+                                                                            "sample.max_kv_gib=40"]),
                                               ("configs/mnist.yaml", []), (SMOKE, ["prior.top.kind=pixelcnn"]),
-                                              (SMOKE, ["vqvae.levels=3", "data.image_size=32", "vqvae.strides=[2,2,4]",
-                                                       "prior.levels.middle1.n_layer=2", "prior.cond_window=2"])])
+                                              (SMOKE, STRIDED)])
 def test_plan_prints_every_table(config, overrides, capsys):
     assert main(["--config", config, *overrides]) == 0
     out = capsys.readouterr().out
     for title in ("## Levels and sequences", "## Training memory per GPU", "## Training throughput",
                   "## Sampling memory and speed"):
         assert title in out
-    levels = load_plan_config(config, overrides)[0].vqvae.levels
+    levels = load_config(config, overrides).vqvae.levels
     assert out.count("| stage 2 ") == 3 * levels  # memory: DDP and FSDP; throughput
     assert "MFU 0.4" in out and "989 TFLOP/s" in out  # the assumptions are printed with the figures
-    for line in out.splitlines():  # the formula's count equals the model built on the meta device, where it can
-        if (line.startswith("| VQ-VAE") or " prior (" in line) and "n/a" not in line:
-            cells = [c.strip() for c in line.split("|")]
-            assert cells[-3] == cells[-2], line
+    rows = [line for line in out.splitlines() if line.startswith("| VQ-VAE") or " prior (" in line]
+    assert len(rows) == 1 + levels and "n/a" not in out
+    for line in rows:  # the formula's count equals the model built on the meta device, strided and windowed too
+        cells = [c.strip() for c in line.split("|")]
+        assert cells[-3] == cells[-2], line
 
 
 @pytest.mark.parametrize("override,named", [("vqvae.strides=[4,3]", "vqvae.strides"),
                                             ("prior.levels.middle.n_layer=2", "prior.levels"),
                                             ("prior.levels.bottom.n_embd=30", "prior.levels.bottom.n_embd"),
                                             ("prior.cond_window=-1", "prior.cond_window"),
+                                            ("prior.cond_window=8", "prior.cond_window=8"),
                                             ("stage2.batch=3", "stage2.batch")])
 def test_bad_plan_override_is_one_error_line(override, named, capsys):
     assert main(["--config", SMOKE, override]) == 2
@@ -88,23 +113,33 @@ def test_bad_plan_override_is_one_error_line(override, named, capsys):
     ["prior.top.kind=pixelcnn", "prior.top.channels=16", "prior.top.layers=2",
      "prior.bottom.kind=pixelcnn", "prior.bottom.channels=8", "prior.bottom.layers=3", "prior.bottom.kernel_size=3"],
     ["vqvae.levels=3", "data.image_size=32", "vqvae.quantizer=loss", "prior.class_conditional=false"],
+    STRIDED,
+    [*STRIDED, "prior.cond_window=5", "prior.class_conditional=false", "prior.bottom.kind=pixelcnn"],
 ])
 def test_parameter_formulas_equal_the_built_models(overrides):
+    """Built on CPU as stage 2 builds them (``PriorConfig.net_for``, ``window_for``), not through the plan."""
     cfg = load_config(SMOKE, overrides)
     num_classes = 10 if cfg.prior.class_conditional else 0
-    for shape in plan.prior_shapes(cfg, num_classes):
-        net = plan.level_net(cfg, shape.name)
-        cond = (shape.cond_side,) * 2 if shape.cond_side else None
-        prior = build_prior(net, (shape.side,) * 2, shape.num_codes, num_classes, cond, shape.cond_num_codes)
-        assert plan.plan_prior(net, shape).params == sum(p.numel() for p in prior.parameters()), shape.name
+    grids = VQVAE2(cfg.vqvae, cfg.data.channels).grid_shapes(cfg.data.image_size)
+    shapes = plan.prior_shapes(cfg, num_classes)
+    assert [s.name for s in shapes] == level_names(cfg.vqvae.levels)
+    k = cfg.vqvae.codebook_size
+    for level, (shape, name) in enumerate(zip(shapes, level_names(cfg.vqvae.levels))):
+        net = cfg.prior.net_for(name)
+        prior = build_prior(net, grids[level], k, num_classes, grids[level - 1] if level else None, k if level else 0,
+                            cfg.prior.window_for(name))
+        assert plan.plan_prior(net, shape, 4).params == sum(p.numel() for p in prior.parameters()), name
+        assert plan.built_prior_params(net, shape) == sum(p.numel() for p in prior.parameters()), name
     model = VQVAE2(cfg.vqvae, cfg.data.channels)
     assert plan.plan_stage1(cfg).params == sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("levels,size", [(1, 16), (2, 16), (3, 32)])
-def test_vqvae_walk_matches_the_forward_pass(levels, size):
-    """FLOPs as torch's counter counts them (convolutions and the code distances) and every conv/ReLU output."""
-    cfg = load_config(SMOKE, [f"vqvae.levels={levels}", f"data.image_size={size}"])
+@pytest.mark.parametrize("levels,size,strides", [(1, 16, "[]"), (2, 16, "[]"), (3, 32, "[]"), (3, 32, "[2,2,4]"),
+                                                (2, 64, "[8,2]"), (1, 16, "[16]")])
+def test_vqvae_walk_matches_the_forward_pass(levels, size, strides):
+    """FLOPs as torch's counter counts them (convolutions and the code distances), every conv/ReLU output and the
+    parameters, for VQ-VAE-2's strides and for others (3 or 4 halvings in one encoder, several per upsampler)."""
+    cfg = load_config(SMOKE, [f"vqvae.levels={levels}", f"data.image_size={size}", f"vqvae.strides={strides}"])
     model = VQVAE2(cfg.vqvae, cfg.data.channels).eval()
     outputs = []
     for m in model.modules():
@@ -114,16 +149,20 @@ def test_vqvae_walk_matches_the_forward_pass(levels, size):
         model(torch.rand(2, cfg.data.channels, size, size) * 2 - 1)
     walk = plan.vqvae_layers(cfg)
     assert sum(x.outputs for x in walk) == sum(outputs)
+    assert plan.plan_stage1(cfg).params == sum(p.numel() for p in model.parameters()) == plan.built_vqvae_params(cfg)
     assert plan.plan_stage1(cfg).flops == 3 * counter.get_total_flops() // 2  # per image, training = 3 x forward
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_kv_cache_formula_equals_a_real_guided_cache(arch, monkeypatch):
-    """The cache of a bottom prior sampled with classifier-free guidance: every position fed, twice the rows."""
-    cfg = load_config(SMOKE, [f"prior.bottom.arch={arch}"])
+@pytest.mark.parametrize("arch,window", [("gpt2", 0), ("llama", 0), ("gpt2", 3)])
+def test_kv_cache_formula_equals_a_real_guided_cache(arch, window, monkeypatch):
+    """The cache of a bottom prior sampled with classifier-free guidance: every position fed, twice the rows; a
+    windowed prior has no upper codes among its positions."""
+    cfg = load_config(SMOKE, [f"prior.bottom.arch={arch}", f"prior.cond_window={window}"])
     top, bottom = plan.prior_shapes(cfg, 3)
-    net = plan.level_net(cfg, "bottom")
-    prior = build_prior(net, (bottom.side,) * 2, bottom.num_codes, 3, (top.side,) * 2, top.num_codes).eval()
+    net = cfg.prior.net_for("bottom")
+    prior = build_prior(net, (bottom.side,) * 2, bottom.num_codes, 3, (top.side,) * 2, top.num_codes,
+                        bottom.window).eval()
+    assert bottom.positions == (bottom.tokens if window else top.tokens + bottom.tokens)
     states = []
     begin = prior.begin
     monkeypatch.setattr(prior, "begin", lambda *a, **k: states.append(begin(*a, **k)) or states[-1])
@@ -134,7 +173,26 @@ def test_kv_cache_formula_equals_a_real_guided_cache(arch, monkeypatch):
     real = sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values))
     dtype_bytes = next(prior.parameters()).element_size()
     assert real == plan.kv_cache_bytes(net.n_layer, net.n_embd, bottom.positions, dtype_bytes, sequences=2 * batch)
-    assert plan.plan_prior(net, bottom).kv == plan.kv_cache_bytes(net.n_layer, net.n_embd, bottom.positions, 2)
+    assert plan.plan_prior(net, bottom, 2).kv == plan.kv_cache_bytes(net.n_layer, net.n_embd, bottom.positions, 2)
+
+
+@pytest.mark.parametrize("overrides", [["sample.max_kv_gib=0.001"], ["sample.max_kv_gib=1e-6"], ["sample.max_kv_gib=0"],
+                                       ["sample.max_kv_gib=0.001", "sample.dtype=bfloat16"],
+                                       ["sample.max_kv_gib=0.001", "sample.labels=none"]])
+def test_sampling_batch_is_the_samplers(overrides):
+    """The plan's batch is what ``Sampler.kv_batch_size`` would pick: ``cache_batch_limit`` over the built priors
+    (meta device) in ``sample.dtype``, guided (class-conditional smoke, guidance 2) unless labels=none."""
+    cfg = load_config(SMOKE, ["data.image_size=32", "sample.guidance=2", "sample.batch_size=64", *overrides])
+    shapes = plan.prior_shapes(cfg, 10)
+    plans = [plan.plan_prior(cfg.prior.net_for(s.name), s, plan.sample_dtype_bytes(cfg)) for s in shapes]
+    guided = plan.is_guided(cfg, 10)
+    assert guided == (cfg.sample.labels != "none")
+    with torch.device("meta"):
+        priors = [build_prior(cfg.prior.net_for(s.name), (s.side,) * 2, s.num_codes, 10,
+                              (s.cond_side,) * 2 if s.cond_side else None, s.cond_num_codes, s.window) for s in shapes]
+    real = cache_batch_limit(priors, cfg.sample.max_kv_gib * 2**30, guided, getattr(torch, cfg.sample.dtype))
+    assert plan.kv_batch_limit(cfg, plans, guided) == (real if cfg.sample.max_kv_gib else None)
+    assert plan.sampling_batch(cfg, plans, guided) == (max(1, min(64, real)) if cfg.sample.max_kv_gib else 64)
 
 
 def _saved_bytes(fn, params) -> int:
@@ -162,7 +220,7 @@ def test_activation_coefficient_matches_saved_tensors(kind, arch):
             ["prior.bottom.kind=pixelcnn", f"prior.bottom.layers={layers}", f"prior.bottom.channels={width}"]
         cfg = load_config(SMOKE, ["data.image_size=32", *net_keys])
         top, bottom = plan.prior_shapes(cfg, 10)
-        net = plan.level_net(cfg, "bottom")
+        net = cfg.prior.net_for("bottom")
         prior = build_prior(net, (bottom.side,) * 2, bottom.num_codes, 10, (top.side,) * 2, top.num_codes).train()
         inputs = (torch.randint(0, bottom.num_codes, (batch, bottom.side, bottom.side)),
                   torch.randint(0, 10, (batch,)), torch.randint(0, top.num_codes, (batch, top.side, top.side)))
@@ -192,7 +250,7 @@ def test_pixelcnn_state_formula_equals_the_real_sampling_state(num_classes, cond
     top, bottom = plan.prior_shapes(cfg, num_classes)
     if not conditioned:
         bottom = plan.PriorShape("bottom", bottom.side, bottom.num_codes, num_classes)
-    net = plan.level_net(cfg, "bottom")
+    net = cfg.prior.net_for("bottom")
     cond = (top.side,) * 2 if conditioned else None
     prior = build_prior(net, (bottom.side,) * 2, bottom.num_codes, num_classes, cond, bottom.cond_num_codes).eval()
     batch = 3
