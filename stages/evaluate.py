@@ -88,7 +88,8 @@ def run_evaluate(cfg: Config, run: RunFolder) -> dict | None:
     extractors = [rank_zero_first(fabric, lambda k=k: make_extractor(k, e, run.classifier, data, log=log))
                   for k in kinds]
 
-    fake = torch.from_numpy(samples["images"]).permute(0, 3, 1, 2).contiguous()  # (N, H, W, C) -> (N, C, H, W)
+    images = samples.take(range(len(samples)), ["images"])["images"]
+    fake = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (N, H, W, C) -> (N, C, H, W)
     n = min(len(fake), len(data.holdout), len(data.train), e.num_real or len(fake))
     if n < e.k + 1:
         raise UserError(f"only {n} images to compare (samples {len(fake)}, held-out {len(data.holdout)}); "
@@ -107,7 +108,7 @@ def run_evaluate(cfg: Config, run: RunFolder) -> dict | None:
 
     def write_report() -> dict:  # rank 0 only: the metrics, pictures and report files
         stats = recon_stats.metrics
-        settings = json.loads(str(samples["settings"])) if "settings" in samples else {}
+        settings = samples.settings
         (head, head_info), *rest = extractors
         first = scores(feats[head.name], e)
         labelled = feats.get("domain")  # the per-class rows need the domain classifier's logits
@@ -125,7 +126,7 @@ def run_evaluate(cfg: Config, run: RunFolder) -> dict | None:
             "codebook": {name: {"usage": stats[f"usage_{name}"], "perplexity": stats[f"perplexity_{name}"]}
                          for name in names},
             "prior_nll_bits": nll,
-            "per_class": per_class_accuracy(labelled and labelled["l_fake"], samples["labels"][:n],
+            "per_class": per_class_accuracy(labelled and labelled["l_fake"], samples.labels()[:n],
                                             labelled and labelled["l_held"], held_labels, data.class_names),
             "sampling": {k: settings.get(k) for k in ("temperature", "top_k", "top_p", "guidance", "labels", "seed")},
             "eval_seconds": None,

@@ -24,6 +24,7 @@ from pipeline.config import FabricConfig
 from pipeline.distributed import on_rank_zero, rank_zero_first
 from pipeline.fabric import make_fabric
 from pipeline.io import UserError, load_checkpoint
+from pipeline.samples import load_sample_set
 from pipeline.training import StepSampler
 from stages import evaluate, sample, stage1
 from tests.conftest import SMOKE, assert_same_images, copy_run, run
@@ -437,16 +438,21 @@ def two_process_samples(smoke_run, tmp_path_factory):
 
 @pytest.mark.slow
 def test_sampling_with_two_processes_gives_the_same_images(smoke_run, two_process_samples):
+    """Each rank writes the shard it drew (no gather); read through the manifest they are the 1-process images."""
     run_dir, proc = two_process_samples
     assert proc.returncode == 0 and proc.stdout.count("sample: 40 images") == 1
-    with np.load(smoke_run / "samples" / "samples.npz") as one, np.load(run_dir / "samples" / "samples.npz") as two:
-        assert sorted(one.files) == sorted(two.files)
-        for key in ("labels", "settings"):  # drawn from seeds, not computed in floats: exact
-            assert np.array_equal(one[key], two[key]), key
-        levels = sorted(k for k in one.files if k.startswith("codes_"))
-        assert_same_images(one["images"], [one[k] for k in levels], two["images"], [two[k] for k in levels])
+    assert files(run_dir / "samples") == ["grid.png", "manifest.json", "shard-00000-of-00002.npz",
+                                          "shard-00001-of-00002.npz"]
+    one, two = load_sample_set(smoke_run / "samples"), load_sample_set(run_dir / "samples")
+    assert one.settings == two.settings and len(one) == len(two) == 40
+    a, b = one.take(range(40)), two.take(range(40))
+    assert sorted(a) == sorted(b)
+    assert np.array_equal(a["labels"], b["labels"])  # drawn from seeds, not computed in floats: exact
+    levels = sorted(k for k in a if k.startswith("codes_"))
+    assert_same_images(a["images"], [a[k] for k in levels], b["images"], [b[k] for k in levels])
+    with np.load(run_dir / "samples" / "shard-00001-of-00002.npz") as shard:  # rank 1 drew samples 1, 3, 5, ...
+        assert np.array_equal(shard["labels"], a["labels"][1::2])
     assert files(run_dir / "sampler") == ["README.md", "config.json", "model.safetensors", "samples.png"]
-    assert (run_dir / "samples" / "grid.png").is_file()
     assert leftovers(run_dir) == []
 
 
