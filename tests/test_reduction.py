@@ -1,0 +1,59 @@
+"""Sample-quality metrics from sums that add across ranks (pipeline.metrics.moments): the same numbers as the
+metrics computed from all features at once, whatever way the rows are split."""
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.metrics import fid_from_features, inception_score_from_logits
+from pipeline.metrics.moments import (
+    Moments,
+    ScoreSums,
+    fid_from_moments,
+    inception_score_from_sums,
+    split_of,
+)
+
+F64 = torch.finfo(torch.float64).eps
+
+
+def moments_in_parts(x: np.ndarray, parts: int) -> Moments:
+    """What ``parts`` ranks holding rows r, r + parts, ... accumulate and all_reduce gives."""
+    total = Moments.zeros(x.shape[1])
+    for r in range(parts):
+        m = Moments.zeros(x.shape[1])
+        m.add(torch.from_numpy(x[r::parts]))
+        for t, u in zip(total.tensors(), m.tensors()):
+            t += u
+    return total
+
+
+def test_fid_from_moments_is_fid_from_features():
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(300, 8)).astype(np.float32)
+    fake = (rng.normal(size=(200, 8)) * 1.3 + 0.4).astype(np.float32)
+    expected = fid_from_features(real, fake)
+    for parts in (1, 3):
+        got = fid_from_moments(moments_in_parts(real, parts), moments_in_parts(fake, parts))
+        assert got == pytest.approx(expected, rel=1e4 * F64)  # summation order only: float64 rounding
+    assert expected > 0.5  # the sets differ: a mix-up of real and fake rows would not give the same number
+    assert fid_from_moments(moments_in_parts(real, 2), moments_in_parts(real, 3)) == pytest.approx(0, abs=1e-9)
+
+
+def test_inception_score_from_sums_is_the_score_of_contiguous_splits():
+    logits = torch.from_numpy(np.random.default_rng(1).normal(size=(103, 7)) * 3)
+    one = ScoreSums.zeros(1, 7)
+    one.add(logits, split_of(np.arange(103), 103, 1))
+    expected = inception_score_from_logits(logits, splits=1)[0]  # one split: torchmetrics' shuffle changes nothing
+    assert inception_score_from_sums(one) == (pytest.approx(expected, rel=1e3 * F64), 0.0)
+
+    assert split_of(np.arange(10), 10, 3).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 2]
+    sums, splits = ScoreSums.zeros(4, 7), split_of(np.arange(103), 103, 4)
+    for r in range(2):  # two ranks' rows, each split of its rows' indices
+        sums.add(logits[r::2], splits[r::2])
+    p = torch.softmax(logits, 1).numpy()
+    per_split = [np.exp((q * (np.log(q) - np.log(q.mean(0)))).sum(1).mean())
+                 for q in np.split(p, [25, 51, 77])]  # floor(s * 103 / 4): 0, 25, 51, 77, 103
+    mean, std = inception_score_from_sums(sums)
+    assert mean == pytest.approx(np.mean(per_split), rel=1e3 * F64)
+    assert std == pytest.approx(np.std(per_split, ddof=1), rel=1e6 * F64)
