@@ -458,12 +458,16 @@ def test_sampling_with_two_processes_gives_the_same_images(smoke_run, two_proces
 
 @pytest.mark.slow
 def test_evaluation_with_two_processes_gives_the_same_numbers(two_process_samples, tmp_path):
+    """Each rank scores its share: FID and IS from all-reduced sums, precision/recall/KID from the first 30
+    features gathered on rank 0 (evaluate.gather_features); the numbers are the 1-process run's on the same
+    shards, and the real sets' statistics are computed by both (their own reference_dir), not read."""
     run2, proc = two_process_samples
     assert proc.returncode == 0
     run1 = copy_run(run2, tmp_path / "one")  # the same samples, evaluated by one process (in this process)
-    assert run(evaluate, run1) == 0
-    two = torchrun_stage("evaluate", run2)
-    assert two.returncode == 0
+    assert run(evaluate, run1, f"evaluate.reference_dir={tmp_path / 'ref1'}", "evaluate.gather_features=30") == 0
+    two = torchrun_stage("evaluate", run2, f"evaluate.reference_dir={tmp_path / 'ref2'}",
+                         "evaluate.gather_features=30")
+    assert two.returncode == 0 and "read from" not in two.stdout
     a = json.loads((run1 / "eval" / "report.json").read_text())
     b = json.loads((run2 / "eval" / "report.json").read_text())
 
@@ -479,12 +483,13 @@ def test_evaluation_with_two_processes_gives_the_same_numbers(two_process_sample
         return out
 
     na, nb = numbers(a), numbers(b)
-    assert set(na) == set(nb) and {"fid", "precision", "recall", "real_floor.fid", "recon.rfid"} <= set(na)
+    assert set(na) == set(nb) and {"fid", "precision", "recall", "real_floor.fid", "recon.rfid",
+                                   "inception_score.mean", "kid.mean"} <= set(na)
     for key in na:
         assert nb[key] == pytest.approx(na[key], rel=1e-5, abs=1e-6), key
     # the classifier was trained once, by rank 0, and cached; every file written once
     assert [f.split("-")[0] for f in files(run2 / "eval")] == [
-        "classifier.ckpt", "codebook_usage.png", "reconstructions.png", "reference/holdout", "reference/recon",
-        "reference/train", "report.json", "report.md"]
+        "classifier.ckpt", "codebook_usage.png", "reconstructions.png", "reference/recon", "report.json", "report.md"]
+    assert [f.split("-")[0] for f in files(tmp_path / "ref2")] == ["holdout", "train"]
     assert two.stdout.count("domain classifier: held-out accuracy") == 1
     assert leftovers(run2) == []
