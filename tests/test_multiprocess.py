@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from pipeline.config import FabricConfig
-from pipeline.distributed import on_rank_zero, rank_zero_first
+from pipeline.distributed import on_every_rank, on_rank_zero, rank_zero_first
 from pipeline.fabric import make_fabric
 from pipeline.io import UserError, load_checkpoint
 from pipeline.samples import load_sample_set
@@ -190,6 +190,40 @@ def test_rank_zero_first_runs_on_rank_zero_then_the_others():
     assert on_rank_zero(FakeRank(0), lambda: order.append(2) or "c") == "c"
     assert on_rank_zero(FakeRank(1), lambda: order.append(3) or "d") is None
     assert order == [0, 1, 2]
+
+
+class FakePair(FakeRank):
+    """Two ranks run one after the other for ``on_every_rank``: ``all_gather`` returns both ranks' failure flags
+    (known beforehand), ``broadcast`` hands the later rank what the earlier one sent."""
+
+    def __init__(self, rank: int, flags: list[int]) -> None:
+        super().__init__(rank)
+        self.flags, self.device = flags, torch.device("cpu")
+
+    def all_gather(self, t):
+        return torch.tensor(self.flags).reshape(2, 1)
+
+    def broadcast(self, obj, src=0):
+        if self.global_rank == src:
+            FakeRank.sent.append(obj)
+            return obj
+        return FakeRank.sent.pop()
+
+
+def test_failure_on_any_rank_is_raised_on_every_rank():
+    """Each rank writes its own sample shard: when rank 1's write fails, rank 0 must stop with rank 1's reason
+    instead of waiting for it at the manifest's barrier."""
+    error = OSError(28, "No space left on device")
+
+    def fails():
+        raise error
+
+    with pytest.raises(OSError) as got1:  # rank 1 (run first: it sends): its own exception
+        on_every_rank(FakePair(1, [0, 1]), fails)
+    assert got1.value is error
+    with pytest.raises(UserError, match=r"^rank 1 failed: OSError: \[Errno 28\] No space left on device$"):
+        on_every_rank(FakePair(0, [0, 1]), lambda: "written")
+    assert on_every_rank(FakePair(0, [0, 0]), lambda: "written") == "written"
 
 
 # ---------------------------------------------------------------------------------------------------------

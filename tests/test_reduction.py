@@ -1,6 +1,8 @@
 """Sample-quality metrics from sums that add across ranks (pipeline.metrics.moments): the same numbers as the
 metrics computed from all features at once, whatever way the rows are split."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -57,3 +59,67 @@ def test_inception_score_from_sums_is_the_score_of_contiguous_splits():
     mean, std = inception_score_from_sums(sums)
     assert mean == pytest.approx(np.mean(per_split), rel=1e3 * F64)
     assert std == pytest.approx(np.std(per_split, ddof=1), rel=1e6 * F64)
+
+
+class OneRank:
+    """The part of Fabric the reductions use, for a single process."""
+
+    global_rank, world_size, device = 0, 1, torch.device("cpu")
+
+    def broadcast(self, obj, src=0):
+        return obj
+
+    def to_device(self, x):
+        return x
+
+
+def toy_extractor(pixels: torch.Tensor):
+    """uint8 (B, 1, 2, 2) -> features (B, 4) and logits (B, 3) that depend on the image only."""
+    f = pixels.reshape(len(pixels), -1).float()
+    return f, f[:, :3] * 0.1
+
+
+def test_reduce_features_keeps_the_first_features_and_every_prediction():
+    from pipeline.metrics.reduced import reduce_features
+
+    pixels = torch.from_numpy(np.random.default_rng(2).integers(0, 255, (37, 1, 2, 2), dtype=np.uint8))
+    out = reduce_features(OneRank(), toy_extractor, lambda chunk: pixels[chunk], 37, batch_size=5, keep=12)
+    feats, logits = toy_extractor(pixels)
+    assert np.array_equal(out.features, feats[:12].numpy())  # images 0..11 in order, whatever the batches
+    assert np.array_equal(out.predicted, logits.argmax(1).numpy())
+    mean, cov = out.moments.mean_cov()
+    assert torch.allclose(mean, feats.double().mean(0), rtol=1e3 * F64)
+    assert torch.allclose(cov, torch.cov(feats.double().T), rtol=1e6 * F64, atol=1e6 * F64 * float(cov.abs().max()))
+    assert int(out.scores.count.sum()) == 37
+
+
+def test_cached_statistics_are_read_only_for_the_same_provenance(tmp_path):
+    """The shared reference cache: the same provenance reads the file; another provenance, or a file whose stored
+    provenance was changed under the same name, recomputes (never a silent reuse)."""
+    from pipeline.metrics.reduced import cache_path, cached_reduction, reduce_features
+
+    pixels = torch.from_numpy(np.random.default_rng(3).integers(0, 255, (20, 1, 2, 2), dtype=np.uint8))
+    calls, lines = [], []
+
+    def compute():
+        calls.append(1)
+        return reduce_features(OneRank(), toy_extractor, lambda chunk: pixels[chunk], 20, 8, 20)
+
+    prov = {"data": "sig", "split": "train", "seed": 0, "n": 20, "extractor": "toy", "weights_sha256": "abc"}
+    first = cached_reduction(OneRank(), tmp_path, prov, compute, log=lines.append)
+    again = cached_reduction(OneRank(), tmp_path, prov, compute, log=lines.append)
+    assert len(calls) == 1 and lines == [f"toy: statistics of 20 train images read from "
+                                         f"{cache_path(tmp_path, {**prov, 'format': 1})}"]
+    assert np.array_equal(again.features, first.features) and np.array_equal(again.predicted, first.predicted)
+    assert torch.equal(again.moments.outer, first.moments.outer) and torch.equal(again.scores.probs,
+                                                                                  first.scores.probs)
+    cached_reduction(OneRank(), tmp_path, {**prov, "weights_sha256": "other"}, compute, log=lines.append)
+    assert len(calls) == 2
+
+    path = cache_path(tmp_path, {**prov, "format": 1})
+    with np.load(path) as z:
+        arrays = dict(z)
+    arrays["provenance"] = np.asarray(json.dumps({**prov, "format": 1, "seed": 1}, sort_keys=True))
+    np.savez(path, **arrays)  # the same name, another provenance inside
+    cached_reduction(OneRank(), tmp_path, prov, compute, log=lines.append)
+    assert len(calls) == 3 and len(lines) == 1
