@@ -112,8 +112,7 @@ def extracted(fabric, extractor, e, real: RealImages, samples_of, recon_of, run:
     in the run's), and the seconds it took. Ranks other than 0 get statistics without features."""
     t0, n, h, bs = time.perf_counter(), real.n, real.held, e.batch_size
     keep = e.gather_features or n
-    about = {"extractor": extractor.name, "weights_sha256": extractor.fingerprint,
-             "protocol": PROTOCOL[extractor.name], "kept": min(keep, n)}
+    about = {"extractor": extractor.name, "weights_sha256": extractor.fingerprint, "protocol": PROTOCOL[extractor.name]}
 
     def real_set(what: str, pixels_of, total: int, provenance: dict, folder) -> Reduced:
         meta = {**provenance, **about, "n": total, "kept": min(keep, total)}

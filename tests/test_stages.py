@@ -372,6 +372,8 @@ def test_evaluation_beyond_the_held_out_set_and_its_reference_statistics_shared_
     report = json.loads((first / "eval" / "report.json").read_text())
     assert report["num_samples"] == 80 and report["real_floor_images"] == {"holdout": 60, "train": 20}
     assert sum(r["real"] for r in report["per_class"]["classes"]) == 80
+    assert "80 real images (60 held-out, 20 train images outside the reference)" in (
+        first / "eval" / "report.md").read_text()
     cached = sorted(p.name.split("-")[0] for p in ref.glob("*.npz"))
     assert cached == ["holdout", "holdout+train", "train"]  # rFID's 60 held-out, the floor, the reference
     assert [p.name.split("-")[0] for p in (first / "eval" / "reference").glob("*.npz")] == ["recon"]

@@ -162,6 +162,16 @@ def summary_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def floor_images(report: dict) -> str:
+    """The real floor's images in words: N held-out, or held-out topped up with train images (evaluate.num_real
+    above the held-out set's size)."""
+    split = report.get("real_floor_images") or {"holdout": report["num_samples"], "train": 0}
+    if not split["train"]:
+        return f"{report['num_samples']} real held-out images"
+    return (f"{report['num_samples']} real images ({split['holdout']} held-out, {split['train']} train images "
+            "outside the reference)")
+
+
 def _pct(v: float | None) -> str:
     return "-" if v is None else f"{v:.0%}"
 
@@ -195,7 +205,7 @@ def report_markdown(report: dict, title: str, pictures: dict[str, str]) -> str:
         + (f" (held-out accuracy {domain['classifier_heldout_accuracy']:.2%})"
            if "classifier_heldout_accuracy" in domain else "")
         + f"; k = {report['k']} for precision/recall/density/coverage. The real floor is the same metrics for "
-        f"{report['num_samples']} real held-out images against the same reference. KID is the mean ± standard "
+        f"{floor_images(report)} against the same reference. KID is the mean ± standard "
         "deviation over 100 random subsets of half the images; [brackets] are 95% bootstrap intervals: FID ± 1.96 "
         f"standard deviations of FID over {report.get('bootstrap_rounds', 0)} resamplings of both sets, and the "
         "percentile interval of precision and recall over resamplings of their per-image in/out indicators.",
