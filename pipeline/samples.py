@@ -1,11 +1,12 @@
 """Sample sets on disk: one shard per sampling process and a manifest, so that no process ever gathers or holds
-every image (50,000 ImageNet samples are 7 GB at 256 px).
+every image (50,000 ImageNet samples are 10 GB at 256 px).
 
     samples/manifest.json                   count, shard names, stamp, settings, levels; written last, by rank 0
     samples/samples.npz                     the one shard of a 1-process run (the file users and older runs know)
     samples/shard-00000-of-00002.npz ...    shard r of a W-process run: samples r, r + W, r + 2W, ...
 
-A shard holds ``images`` (n, H, W, C) uint8, ``labels`` (n,), ``codes_<level>`` and the ``stamp`` of its sampling.
+A shard (an uncompressed .npz, so rows are read from a memory map) holds ``images`` (n, H, W, C) uint8,
+``labels`` (n,), ``codes_<level>`` and the ``stamp`` of its sampling.
 The manifest is what makes shards one sample set: a shard whose stamp differs from the manifest's (a later,
 interrupted sampling overwrote it) is refused, never mixed with another sampling's images. A folder with only
 samples.npz (written before manifests existed) reads as a set of one shard.
@@ -14,13 +15,15 @@ samples.npz (written before manifests existed) reads as a set of one shard.
 from __future__ import annotations
 
 import json
+import struct
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.io import UserError, atomic_savez, atomic_write_text
+from pipeline.io import UserError, atomic_savez_stored, atomic_write_text
 
 MANIFEST = "manifest.json"
 SINGLE = "samples.npz"
@@ -34,8 +37,8 @@ def write_shard(folder: Path, rank: int, world: int, stamp: str, images: np.ndar
                 codes: dict[str, np.ndarray], settings: dict) -> Path:
     """Shard ``rank`` of ``world``: the samples ``rank, rank + world, ...`` of one sampling (atomically)."""
     arrays = {f"codes_{name}": c for name, c in codes.items()}
-    return atomic_savez(Path(folder) / shard_name(rank, world), images=images, labels=labels, stamp=np.asarray(stamp),
-                        settings=np.asarray(json.dumps(settings)), **arrays)
+    return atomic_savez_stored(Path(folder) / shard_name(rank, world), images=images, labels=labels,
+                               stamp=np.asarray(stamp), settings=np.asarray(json.dumps(settings)), **arrays)
 
 
 def manifest_of(count: int, world: int, stamp: str, settings: dict, levels: list[str]) -> dict:
@@ -53,10 +56,30 @@ def commit(folder: Path, manifest: dict) -> Path:
     return path
 
 
+def stored_array(path: Path, key: str) -> np.ndarray | None:
+    """Array ``key`` of an uncompressed .npz as a read-only memory map, so reading rows reads only those rows;
+    None when it is compressed (samples.npz written before shards were stored) or empty."""
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(f"{key}.npy")
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    with open(path, "rb") as fh:
+        fh.seek(info.header_offset)
+        name_len, extra_len = struct.unpack("<HH", fh.read(30)[26:30])  # the local file header's last fields
+        fh.seek(info.header_offset + 30 + name_len + extra_len)
+        version = np.lib.format.read_magic(fh)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(fh)
+        offset = fh.tell()
+    if dtype.hasobject or not np.prod(shape):
+        return None
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+
+
 @dataclass(frozen=True)
 class SampleSet:
-    """The samples of one sampling, read shard by shard: ``take`` loads only the shards that hold the rows asked
-    for (a rank of a W-process evaluation reads 1 / W of the images when the sampling also ran on W)."""
+    """The samples of one sampling: ``take`` reads only the rows asked for, from memory-mapped shards, so a rank
+    can stream its share of 50,000 images batch by batch."""
 
     folder: Path
     manifest: dict
@@ -91,7 +114,8 @@ class SampleSet:
             where = np.flatnonzero(idx % world == s)
             with self._shard(int(s)) as z:
                 for key in keys:
-                    part = z[key][idx[where] // world]
+                    stored = stored_array(self.folder / self.manifest["shards"][s], key)
+                    part = np.asarray((z[key] if stored is None else stored)[idx[where] // world])
                     if key not in out:
                         out[key] = np.empty((len(idx),) + part.shape[1:], part.dtype)
                     out[key][where] = part

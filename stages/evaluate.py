@@ -24,7 +24,7 @@ import torch
 from pipeline.codes import CodeSet, file_sha256
 from pipeline.config import Config, DataConfig
 from pipeline.data import ImageData, load_image_data, real_provenance, to_float, to_uint8
-from pipeline.distributed import on_rank_zero, rank_zero_first, shard_indices
+from pipeline.distributed import on_rank_zero, rank_zero_first
 from pipeline.export import CARD, CONFIG, record_evaluation
 from pipeline.fabric import make_fabric
 from pipeline.images import save_grid
@@ -87,13 +87,9 @@ def max_real(train: int, holdout: int) -> int:
     return min(train, (train + holdout) // 2)
 
 
-def sample_pixels(fabric, samples: SampleSet, n: int):
-    """``pixels_of`` for samples 0 .. n - 1: this rank reads its share once (from its own shard when the sampling
-    ran on as many processes), then serves batches of it."""
-    mine = shard_indices(n, fabric.global_rank, fabric.world_size)
-    images = samples.take(mine, ["images"])["images"]  # (n_rank, H, W, C)
-    where = {i: j for j, i in enumerate(mine)}
-    return lambda chunk: torch.from_numpy(images[[where[i] for i in chunk]]).permute(0, 3, 1, 2).contiguous()
+def sample_pixels(samples: SampleSet):
+    """``pixels_of`` for the samples: each batch's rows read from the memory-mapped shards."""
+    return lambda chunk: torch.from_numpy(samples.take(chunk, ["images"])["images"]).permute(0, 3, 1, 2).contiguous()
 
 
 def recon_pixels(fabric, vqvae, real: RealImages):
@@ -171,8 +167,7 @@ def run_evaluate(cfg: Config, run: RunFolder) -> dict | None:
     # reconstructions (rFID: held-out originals vs their reconstructions), codebooks, priors
     vqvae = vqvae.to(fabric.device)
     recon_stats = reconstruction_stats(fabric, vqvae, data.holdout)
-    samples_of, recon_of, sha = sample_pixels(fabric, samples, n), recon_pixels(fabric, vqvae, real), file_sha256(
-        stage1_path)
+    samples_of, recon_of, sha = sample_pixels(samples), recon_pixels(fabric, vqvae, real), file_sha256(stage1_path)
     feats = {ex.name: extracted(fabric, ex, e, real, samples_of, recon_of, run, sha, log) for ex, _ in extractors}
     nll = prior_nll(fabric, priors, load_codes(run, "holdout"), names)
 

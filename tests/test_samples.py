@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 
 from pipeline.io import UserError
-from pipeline.samples import MANIFEST, SINGLE, SampleSet, commit, load_sample_set, manifest_of, write_shard
+from pipeline.samples import (
+    MANIFEST,
+    SINGLE,
+    SampleSet,
+    commit,
+    load_sample_set,
+    manifest_of,
+    stored_array,
+    write_shard,
+)
 
 
 def stream(n: int) -> dict[str, np.ndarray]:
@@ -38,6 +47,8 @@ def test_shards_read_back_in_sample_order(tmp_path, world):
         assert np.array_equal(got[key], full[key][asked]), key
     assert np.array_equal(samples.labels(), full["labels"])
     assert samples.take([])["images"].shape == (0, 4, 4, 1)
+    mapped = stored_array(tmp_path / samples.manifest["shards"][-1], "images")  # rows are read, not the shard
+    assert isinstance(mapped, np.memmap) and np.array_equal(mapped, full["images"][world - 1 :: world])
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == sorted([MANIFEST, SINGLE] if world == 1 else [MANIFEST, *(
         f"shard-{r:05d}-of-00003.npz" for r in range(3))])
@@ -66,10 +77,11 @@ def test_a_shard_of_another_sampling_is_refused(tmp_path):
 
 def test_a_folder_from_before_manifests_reads_as_one_shard(tmp_path):
     full = stream(4)
-    np.savez(tmp_path / SINGLE, images=full["images"], labels=full["labels"], codes_top=full["codes_top"],
+    np.savez_compressed(tmp_path / SINGLE, images=full["images"], labels=full["labels"], codes_top=full["codes_top"],
              codes_bottom=full["codes_top"], settings=np.asarray(json.dumps({"temperature": 0.9})))
     samples = load_sample_set(tmp_path)
     assert isinstance(samples, SampleSet) and len(samples) == 4 and samples.settings == {"temperature": 0.9}
     assert samples.manifest["levels"] == ["top", "bottom"]
     assert np.array_equal(samples.take([3, 1])["codes_bottom"], full["codes_top"][[3, 1]])
+    assert stored_array(tmp_path / SINGLE, "images") is None  # compressed: read whole, as before
     assert load_sample_set(tmp_path / "nothing") is None
