@@ -123,3 +123,6 @@ def test_cached_statistics_are_read_only_for_the_same_provenance(tmp_path):
     np.savez(path, **arrays)  # the same name, another provenance inside
     cached_reduction(OneRank(), tmp_path, prov, compute, log=lines.append)
     assert len(calls) == 3 and len(lines) == 1
+    path.write_bytes(b"not an npz")  # a damaged file: a warning, then computed again (on every rank alike)
+    cached_reduction(OneRank(), tmp_path, prov, compute, log=lines.append)
+    assert len(calls) == 4 and lines[-1].startswith(f"warning: {path} unreadable")

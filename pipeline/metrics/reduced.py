@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,7 +120,12 @@ def cached_reduction(fabric, folder: Path, provenance: dict, compute: Callable[[
     file after computing (a folder it cannot write costs the cache, not the evaluation)."""
     provenance = {**provenance, "format": CACHE_FORMAT}
     path = cache_path(folder, provenance)
-    found = load_reduced(path, provenance) if fabric.global_rank == 0 else None
+    found = None
+    if fabric.global_rank == 0:
+        try:
+            found = load_reduced(path, provenance)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:  # a damaged file: computed again
+            log(f"warning: {path} unreadable ({type(err).__name__}: {err}); recomputing it")
     if fabric.broadcast(found is not None, src=0):
         log(f"{provenance['extractor']}: statistics of {provenance['n']} {provenance['split']} images read from "
             f"{path}")
