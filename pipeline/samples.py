@@ -94,8 +94,12 @@ class SampleSet:
     def _shard(self, s: int) -> np.lib.npyio.NpzFile:
         path = self.folder / self.manifest["shards"][s]
         world, count = self.manifest["world"], self.manifest["count"]
-        z = np.load(path, allow_pickle=False)
-        stamp = str(z["stamp"]) if "stamp" in z.files else None
+        try:
+            z = np.load(path, allow_pickle=False)
+            stamp = str(z["stamp"]) if "stamp" in z.files else None
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+            raise UserError(f"{path} of the sample set in {self.folder} is missing or damaged "
+                            f"({type(err).__name__}); run the sample stage again") from None
         if stamp != self.manifest["stamp"] or len(z["labels"]) != len(range(s, count, world)):
             z.close()
             raise UserError(f"{path} is not part of the sample set of {self.folder / MANIFEST} (an interrupted "
@@ -124,6 +128,11 @@ class SampleSet:
                 with self._shard(0) as z:
                     out[key] = z[key][:0]
         return out
+
+    def check(self) -> None:
+        """Every shard is there, of this sampling, with its number of rows (reads the labels only)."""
+        for s in range(self.manifest["world"]):
+            self._shard(s).close()
 
     def labels(self) -> np.ndarray:
         """Every sample's label, in sample order (a few bytes per image)."""

@@ -155,6 +155,7 @@ def run_evaluate(cfg: Config, run: RunFolder) -> dict | None:
     priors = load_priors(run, vqvae.levels, stage1_path)
     fabric = make_fabric(cfg.fabric)
     log = fabric.print
+    on_rank_zero(fabric, samples.check)  # a missing or damaged shard stops every rank with one line, up front
     data = rank_zero_first(fabric, lambda: load_image_data(cfg1.data, cache_dir=run.data_cache))
     kinds = [e.extractor] + (["domain"] if e.extractor == "inception" and e.domain_column else [])
     # rank 0 trains (or loads) and caches the domain classifier, or installs the Inception weights; then the others

@@ -73,6 +73,11 @@ def test_a_shard_of_another_sampling_is_refused(tmp_path):
     assert samples.take([0, 2])["labels"].tolist() == [0, 2]  # shard 0 is still the set's
     with pytest.raises(UserError, match="shard-00001-of-00002.npz is not part of the sample set"):
         samples.take([1])
+    with pytest.raises(UserError, match="is not part of the sample set"):
+        samples.check()
+    (tmp_path / "shard-00001-of-00002.npz").write_bytes(b"cut short")
+    with pytest.raises(UserError, match="shard-00001-of-00002.npz of the sample set in .* is missing or damaged"):
+        samples.check()
 
 
 def test_a_folder_from_before_manifests_reads_as_one_shard(tmp_path):
