@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.metrics.report import metrics_table
+from pipeline.metrics.report import floor_images, metrics_table
 
 GRID = "samples.png"
 LIBRARY = "pipeline"
@@ -115,8 +115,8 @@ def _evaluation_section(report: dict[str, Any] | None) -> list[str]:
     s = report.get("sampling") or {}
     lines = ["## Evaluation", "",
              f"{report['num_samples']} samples against {report['num_samples']} real training images, in the features "
-             f"of the `{report['feature_extractor']}` extractor; the real floor is {report['num_samples']} real "
-             "held-out images against the same reference (what a perfect model would score at this N). "
+             f"of the `{report['feature_extractor']}` extractor; the real floor is {floor_images(report)} "
+             "against the same reference (what a perfect model would score at this N). "
              "[brackets]: 95% bootstrap intervals.", "", *metrics_table(report), ""]
     recon = report.get("recon") or {}
     if recon:

@@ -254,11 +254,13 @@ class EvaluateConfig:
     domain_column: bool = True  # with extractor=inception: the domain classifier's metrics beside it, per class too
     inception_path: str = ""  # local TorchScript file of the FID InceptionV3 (extractor: inception)
     k: int = 3  # neighbourhood size for precision/recall/density/coverage
-    num_real: int = 0  # real images on each side of the floor and vs samples; 0 = all held-out
+    num_real: int = 0  # N real images per side (reference, floor); 0 = all held-out; more tops the floor up from train
     classifier_steps: int = 800  # training steps of the domain classifier
     classifier_batch_size: int = 128  # its batch size
     batch_size: int = 250  # feature extraction batch
     bootstrap: int = 100  # resamplings for the 95% intervals of FID, precision and recall (0 = none)
+    gather_features: int = 0  # features gathered on rank 0 per set for precision/recall, KID, intervals (0 = all N)
+    reference_dir: str = ""  # real sets' statistics, shared by runs; empty: $PIPELINE_REFERENCE_DIR or ~/.cache/...
 
 
 @dataclass
@@ -646,6 +648,8 @@ def validate(cfg: Config) -> None:
     _check(e.bootstrap >= 0, "evaluate.bootstrap", e.bootstrap, "must be >= 0 (0 = no intervals)")
     _check(e.num_real >= 0, "evaluate.num_real", e.num_real, "must be >= 0 (0 = all held-out)")
     _check(e.classifier_steps >= 1, "evaluate.classifier_steps", e.classifier_steps, "must be >= 1")
+    _check(e.gather_features == 0 or e.gather_features > e.k, "evaluate.gather_features", e.gather_features,
+           f"must be 0 (all) or more than evaluate.k={e.k} (precision/recall need k + 1 points)")
     w = cfg.sweep
     _check(all(t > 0 for t in w.temperatures), "sweep.temperatures", w.temperatures, "temperatures must be > 0")
     _check(all(0 < p <= 1 for p in w.top_p), "sweep.top_p", w.top_p, "values in (0, 1]")

@@ -75,3 +75,24 @@ def rank_zero_first(fabric, fn: Callable[[], Any]) -> Any:
     A failure on rank 0 is raised on every rank (see ``on_rank_zero``)."""
     result = on_rank_zero(fabric, fn)
     return result if fabric.global_rank == 0 else fn()
+
+
+def on_every_rank(fabric, fn: Callable[[], Any]) -> Any:
+    """``fn()`` on every rank (each writes its own file, say), with any rank's failure shared: every rank raises
+    the first failing rank's message (its own exception on that rank) instead of waiting at the next collective
+    for a rank that has stopped."""
+    if fabric.world_size == 1:
+        return fn()
+    result, message, failure = None, None, None
+    try:
+        result = fn()
+    except Exception as err:  # noqa: BLE001 - shared with the other ranks, then re-raised as is
+        failure = err
+        rank = fabric.global_rank
+        message = str(err) if isinstance(err, UserError) else f"rank {rank} failed: {type(err).__name__}: {err}"
+    flag = torch.tensor([int(failure is not None)], dtype=torch.int64, device=fabric.device)
+    failed = fabric.all_gather(flag).reshape(-1).cpu()  # (world,)
+    if failed.any():
+        message = fabric.broadcast(message, src=int(failed.nonzero()[0]))
+        raise failure if failure is not None else UserError(message)
+    return result

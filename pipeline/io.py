@@ -91,6 +91,18 @@ def atomic_savez(path: str | Path, **arrays: Any) -> Path:
     return _atomic(path, write)
 
 
+def atomic_savez_stored(path: str | Path, **arrays: Any) -> Path:
+    """``atomic_savez`` without compression: each array lies in the file as is, so readers can memory-map it
+    (``pipeline.samples``) instead of inflating all of it to read a few rows."""
+    import numpy as np
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+
+    return _atomic(path, write)
+
+
 def atomic_save_npy(path: str | Path, array: Any) -> Path:
     import numpy as np
 

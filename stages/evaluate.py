@@ -3,7 +3,9 @@
 Sample quality (FID, KID, Inception Score, precision/recall, density/coverage) is measured in the feature space
 of the headline extractor (the standard FID Inception network by default) and, beside it, of the domain
 classifier, each against a reference set of N real *train* images; the real-data floor is the same metrics
-for N real *held-out* images against that same reference, so both numbers share N and reference.
+for N real *held-out* images against that same reference, so both numbers share N and reference (when N exceeds
+the held-out set, the floor is topped up with train images outside the reference). Every rank scores its own
+share of each set; the sums behind FID and IS are all-reduced and only features travel (pipeline.metrics.reduced).
 Reconstructions (MSE, PSNR, rFID: held-out originals vs their reconstructions), codebooks (usage and
 perplexity per level over the held-out pass) and priors (held-out NLL in bits per code per level) complete it.
 
@@ -16,21 +18,24 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
 import torch
 
 from pipeline.codes import CodeSet, file_sha256
-from pipeline.config import Config
-from pipeline.data import load_image_data, real_provenance, seeded_subset, to_float, to_uint8
+from pipeline.config import Config, DataConfig
+from pipeline.data import ImageData, load_image_data, real_provenance, to_float, to_uint8
 from pipeline.distributed import on_rank_zero, rank_zero_first
 from pipeline.export import CARD, CONFIG, record_evaluation
 from pipeline.fabric import make_fabric
 from pipeline.images import save_grid
 from pipeline.io import UserError, atomic_write_text
-from pipeline.metrics import fid_from_features
-from pipeline.metrics.extract import PROTOCOL, features_of, make_extractor, reference_features
+from pipeline.metrics.extract import PROTOCOL, make_extractor
+from pipeline.metrics.moments import fid_from_moments
 from pipeline.metrics.reconstruction import reconstruction_stats
+from pipeline.metrics.reduced import Reduced, cached_reduction, reduce_features, reference_dir
 from pipeline.metrics.report import per_class_accuracy, quality, report_markdown, summary_table, usage_plot
 from pipeline.priors.likelihood import heldout_nll_bits
+from pipeline.samples import SampleSet
 from pipeline.vqvae import level_names
 from stages.cli import run_main, stage_parser
 from stages.runfolder import RunFolder, load_codes, load_priors, load_samples, load_vqvae
@@ -48,29 +53,97 @@ def prior_nll(fabric, priors, codes_holdout: CodeSet, names: list[str]) -> dict[
     return nll
 
 
-def extracted(fabric, extractor, e, data, cfg1, run: RunFolder, fake, held, recon, n: int, stage1_sha: str) -> dict:
-    """Features (and logits) of the train reference, the samples, the held-out images and their reconstructions
-    in one extractor's space (real ones and reconstructions cached per data, N, weights and stage-1 model), and
-    the seconds it took. Rank 0 gets arrays, the other ranks None."""
-    t0, d, cache, bs = time.perf_counter(), cfg1.data, run.reference_cache, e.batch_size
-    extractor.module.to(fabric.device)
-    f_ref, _ = reference_features(fabric, extractor, lambda: seeded_subset(data.train, n, seed=0), n, bs, cache,
-                                  real_provenance(data, d, "train"), f"{extractor.name}: train reference")
-    f_fake, l_fake = features_of(fabric, extractor, fake[:n], n, bs, f"{extractor.name}: samples")
-    f_held, l_held = reference_features(fabric, extractor, lambda: held, n, bs, cache,
-                                        real_provenance(data, d, "holdout"), f"{extractor.name}: held-out")
-    f_rec, _ = reference_features(fabric, extractor, lambda: recon, n, bs, cache,
-                                  {**real_provenance(data, d, "holdout"), "split": "recon", "stage1": stage1_sha},
-                                  f"{extractor.name}: reconstructions")
-    return {"ref": f_ref, "fake": f_fake, "l_fake": l_fake, "held": f_held, "l_held": l_held, "rec": f_rec,
-            "seconds": time.perf_counter() - t0}
+class RealImages:
+    """The real images of an evaluation at N: the reference is N train images drawn by seed 0 (``seeded_subset``'s);
+    the real floor is the first N held-out images, topped up, when N exceeds the held-out set, with the next train
+    images of the same permutation (never reference images). Pixels are read per batch of indices, so a rank
+    reads only its share."""
+
+    def __init__(self, data: ImageData, cfg: DataConfig, n: int) -> None:
+        self.data, self.cfg, self.n = data, cfg, n
+        self.held = min(n, len(data.holdout))
+        perm = np.random.default_rng(0).permutation(len(data.train))
+        self.ref_idx, self.extra_idx = np.sort(perm[:n]), perm[n : n + n - self.held]
+
+    def reference(self, chunk: list[int]) -> torch.Tensor:
+        return self.data.train.__getitems__(self.ref_idx[chunk].tolist())[0]
+
+    def floor(self, chunk: list[int]) -> torch.Tensor:
+        held = [i for i in chunk if i < self.held]
+        extra = self.extra_idx[[i - self.held for i in chunk if i >= self.held]].tolist()
+        parts = [self.data.holdout.__getitems__(held)[0]] if held else []
+        return torch.cat(parts + ([self.data.train.__getitems__(extra)[0]] if extra else []))
+
+    def floor_labels(self) -> np.ndarray:
+        return np.concatenate([self.data.holdout.labels[: self.held].numpy(),
+                               self.data.train.labels[torch.as_tensor(self.extra_idx, dtype=torch.long)].numpy()])
+
+    def provenance(self, split: str) -> dict:
+        return real_provenance(self.data, self.cfg, split)
+
+
+def max_real(train: int, holdout: int) -> int:
+    """The largest evaluate.num_real the data allows: N reference images and N - held-out floor images from train."""
+    return min(train, (train + holdout) // 2)
+
+
+def sample_pixels(samples: SampleSet):
+    """``pixels_of`` for the samples: each batch's rows read from the memory-mapped shards."""
+    return lambda chunk: torch.from_numpy(samples.take(chunk, ["images"])["images"]).permute(0, 3, 1, 2).contiguous()
+
+
+def recon_pixels(fabric, vqvae, real: RealImages):
+    """``pixels_of`` for the reconstructions of the held-out images."""
+    @torch.no_grad()
+    def pixels_of(chunk: list[int]) -> torch.Tensor:
+        held = real.data.holdout.__getitems__(chunk)[0]
+        return to_uint8(vqvae(to_float(held.to(fabric.device))).reconstruction).cpu()
+    return pixels_of
+
+
+def extracted(fabric, extractor, e, real: RealImages, samples_of, recon_of, run: RunFolder, stage1_sha: str,
+              log) -> dict:
+    """The statistics of the train reference, the samples, the real floor, the held-out images and their
+    reconstructions in one extractor's space (real sets cached in the shared reference folder, reconstructions
+    in the run's), and the seconds it took. Ranks other than 0 get statistics without features."""
+    t0, n, h, bs = time.perf_counter(), real.n, real.held, e.batch_size
+    keep = e.gather_features or n
+    about = {"extractor": extractor.name, "weights_sha256": extractor.fingerprint, "protocol": PROTOCOL[extractor.name]}
+
+    def real_set(what: str, pixels_of, total: int, provenance: dict, folder) -> Reduced:
+        meta = {**provenance, **about, "n": total, "kept": min(keep, total)}
+        return cached_reduction(fabric, folder, meta, lambda: reduce_features(
+            fabric, extractor, pixels_of, total, bs, keep, f"{extractor.name}: {what}"), log)
+
+    shared = reference_dir(e.reference_dir)
+    out = {"ref": real_set("train reference", real.reference, n, real.provenance("train"), shared),
+           "fake": reduce_features(fabric, extractor, samples_of, n, bs, keep, f"{extractor.name}: samples")}
+    floor = real.provenance("holdout") if h == n else {**real.provenance("holdout+train"), "holdout_images": h}
+    out["floor"] = real_set("real floor", real.floor, n, floor, shared)
+    out["held"] = out["floor"] if h == n else real_set("held-out", real.floor, h, real.provenance("holdout"), shared)
+    out["rec"] = real_set("reconstructions", recon_of, h, {**real.provenance("holdout"), "split": "recon",
+                                                          "stage1": stage1_sha}, run.reference_cache)
+    return {**out, "seconds": time.perf_counter() - t0}
 
 
 def scores(x: dict, e) -> dict:
     """One extractor's metrics: samples and real floor against the same reference, and the reconstructions' FID."""
-    return {**quality(x["ref"], x["fake"], x["l_fake"], e.k, e.bootstrap),
-            "real_floor": quality(x["ref"], x["held"], x["l_held"], e.k, e.bootstrap),
-            "rfid": fid_from_features(x["held"], x["rec"])}
+    return {**quality(x["ref"], x["fake"], e.k, e.bootstrap),
+            "real_floor": quality(x["ref"], x["floor"], e.k, e.bootstrap),
+            "rfid": fid_from_moments(x["held"].moments, x["rec"].moments)}
+
+
+def evaluation_size(samples: int, train: int, holdout: int, e) -> int:
+    """N: every sample up to evaluate.num_real, or with num_real=0 up to the held-out set's size."""
+    n = min(samples, e.num_real) if e.num_real else min(samples, holdout, train)
+    if e.num_real and n > max_real(train, holdout):
+        raise UserError(f"evaluate.num_real={e.num_real}: N = {n} needs {n} train images for the reference and "
+                        f"{n - holdout} more beside the {holdout} held-out for the real floor, but the train split "
+                        f"has {train}; set evaluate.num_real to at most {max_real(train, holdout)}")
+    if n < e.k + 1:
+        raise UserError(f"only {n} images to compare (samples {samples}, held-out {holdout}); need more than "
+                        f"evaluate.k={e.k}")
+    return n
 
 
 def run_evaluate(cfg: Config, run: RunFolder) -> dict | None:
@@ -82,38 +155,33 @@ def run_evaluate(cfg: Config, run: RunFolder) -> dict | None:
     priors = load_priors(run, vqvae.levels, stage1_path)
     fabric = make_fabric(cfg.fabric)
     log = fabric.print
+    on_rank_zero(fabric, samples.check)  # a missing or damaged shard stops every rank with one line, up front
     data = rank_zero_first(fabric, lambda: load_image_data(cfg1.data, cache_dir=run.data_cache))
     kinds = [e.extractor] + (["domain"] if e.extractor == "inception" and e.domain_column else [])
     # rank 0 trains (or loads) and caches the domain classifier, or installs the Inception weights; then the others
     extractors = [rank_zero_first(fabric, lambda k=k: make_extractor(k, e, run.classifier, data, log=log))
                   for k in kinds]
 
-    fake = torch.from_numpy(samples["images"]).permute(0, 3, 1, 2).contiguous()  # (N, H, W, C) -> (N, C, H, W)
-    n = min(len(fake), len(data.holdout), len(data.train), e.num_real or len(fake))
-    if n < e.k + 1:
-        raise UserError(f"only {n} images to compare (samples {len(fake)}, held-out {len(data.holdout)}); "
-                        f"need more than evaluate.k={e.k}")
-    held, held_labels = data.holdout.all_pixels(n), data.holdout.labels[:n].numpy()
+    n = evaluation_size(len(samples), len(data.train), len(data.holdout), e)
+    real = RealImages(data, cfg1.data, n)
 
     # reconstructions (rFID: held-out originals vs their reconstructions), codebooks, priors
     vqvae = vqvae.to(fabric.device)
     recon_stats = reconstruction_stats(fabric, vqvae, data.holdout)
-    with torch.no_grad():
-        recon = torch.cat([to_uint8(vqvae(to_float(held[i : i + 250].to(fabric.device))).reconstruction).cpu()
-                           for i in range(0, n, 250)])
-    sha = file_sha256(stage1_path)
-    feats = {ex.name: extracted(fabric, ex, e, data, cfg1, run, fake, held, recon, n, sha) for ex, _ in extractors}
+    samples_of, recon_of, sha = sample_pixels(samples), recon_pixels(fabric, vqvae, real), file_sha256(stage1_path)
+    feats = {ex.name: extracted(fabric, ex, e, real, samples_of, recon_of, run, sha, log) for ex, _ in extractors}
     nll = prior_nll(fabric, priors, load_codes(run, "holdout"), names)
 
     def write_report() -> dict:  # rank 0 only: the metrics, pictures and report files
         stats = recon_stats.metrics
-        settings = json.loads(str(samples["settings"])) if "settings" in samples else {}
+        settings = samples.settings
         (head, head_info), *rest = extractors
         first = scores(feats[head.name], e)
         labelled = feats.get("domain")  # the per-class rows need the domain classifier's logits
         report: dict[str, Any] = {
             **{k: v for k, v in first.items() if k != "rfid"},
             "num_samples": int(n),
+            "real_floor_images": {"holdout": real.held, "train": n - real.held},
             "feature_extractor": head.name,
             **head_info,
             "k": e.k,
@@ -125,12 +193,14 @@ def run_evaluate(cfg: Config, run: RunFolder) -> dict | None:
             "codebook": {name: {"usage": stats[f"usage_{name}"], "perplexity": stats[f"perplexity_{name}"]}
                          for name in names},
             "prior_nll_bits": nll,
-            "per_class": per_class_accuracy(labelled and labelled["l_fake"], samples["labels"][:n],
-                                            labelled and labelled["l_held"], held_labels, data.class_names),
+            "per_class": per_class_accuracy(labelled and labelled["fake"].predicted, samples.labels()[:n],
+                                            labelled and labelled["floor"].predicted, real.floor_labels(),
+                                            data.class_names),
             "sampling": {k: settings.get(k) for k in ("temperature", "top_k", "top_p", "guidance", "labels", "seed")},
             "eval_seconds": None,
         }
-        save_grid(run.eval_reconstructions, torch.cat([held[:16], recon[:16]]), nrow=16)
+        first16 = list(range(min(16, real.held)))
+        save_grid(run.eval_reconstructions, torch.cat([real.floor(first16), recon_of(first16)]), nrow=16)
         usage_plot(run.codebook_usage, recon_stats.histograms)
         report["eval_seconds"] = round(time.perf_counter() - t0, 1)
         pictures = {key: os.path.relpath(path, run.eval) for key, path in (

@@ -9,7 +9,8 @@ No other module builds a run-folder path.
       stage1/                      last.ckpt, best.ckpt, logs/, reconstructions.png
       codes/                       manifest.json + code shards (pipeline.codes)
       stage2/<level>/              last.ckpt, best.ckpt; stage2/logs/, stage2/summary.json
-      samples/                     samples.npz, grid.png
+      samples/                     samples.npz (1 process) or shard-RRRRR-of-WWWWW.npz (one per process),
+                                   manifest.json, grid.png (pipeline.samples)
       sampler/                     config.json, model.safetensors, README.md
       eval/                        report.json, report.md, reconstructions.png, codebook_usage.png,
                                    classifier.ckpt, sweep.json, sweep.png, reference/ (cached real features)
@@ -20,8 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from pipeline.checkpoint import BEST_CKPT, LAST_CKPT
 from pipeline.codes import CodeSet, file_sha256, load_manifest
 from pipeline.config import Config, config_from_dict
@@ -29,6 +28,7 @@ from pipeline.critic import vqvae_state_dict
 from pipeline.io import UserError, load_checkpoint
 from pipeline.priors import Prior, normalize_spec, prior_from_spec
 from pipeline.sampler import Sampler
+from pipeline.samples import SampleSet, load_sample_set
 from pipeline.vqvae import VQVAE2, level_names
 
 
@@ -142,11 +142,12 @@ def build_sampler(run: RunFolder) -> tuple[Sampler, Config]:
     return sampler, cfg1
 
 
-def load_samples(run: RunFolder) -> dict[str, np.ndarray]:
-    if not run.samples_npz.exists():
+def load_samples(run: RunFolder) -> SampleSet:
+    """The run's samples (every reader goes through this: one shard per sampling process, or samples.npz)."""
+    samples = load_sample_set(run.samples)
+    if samples is None:
         raise UserError(f"no samples at {run.samples_npz}; {run_first(run, 'sample')}")
-    with np.load(run.samples_npz, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    return samples
 
 
 def load_codes(run: RunFolder, split: str) -> CodeSet:

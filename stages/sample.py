@@ -7,6 +7,7 @@ the ``sample`` config section), and export the self-contained sampler.
 import json
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +17,14 @@ from pipeline.card import today
 from pipeline.checkpoint import LAST_CKPT
 from pipeline.config import Config
 from pipeline.data import load_image_data
-from pipeline.distributed import gather_rows, on_rank_zero, rank_zero_first, shard_indices
+from pipeline.distributed import gather_rows, on_every_rank, on_rank_zero, rank_zero_first, shard_indices
 from pipeline.fabric import make_fabric
-from pipeline.images import class_rows, grid_image, labelled_grid
-from pipeline.io import UserError, atomic_save_png, atomic_savez, load_checkpoint
+from pipeline.images import grid_image, labelled_grid
+from pipeline.io import UserError, atomic_save_png, load_checkpoint
 from pipeline.metrics.extract import make_extractor
 from pipeline.rejection import asked_class_probability, candidates_for, select_accepted
 from pipeline.sampler import Samples
+from pipeline.samples import MANIFEST, SampleSet, commit, manifest_of, write_shard
 from pipeline.sampling import is_guided
 from stages.cli import run_main, stage_parser
 from stages.runfolder import RunFolder, build_sampler, trained_checkpoint
@@ -34,13 +36,18 @@ def sampling_settings(cfg: Config) -> dict:
             "guidance": s.guidance, "seed": s.seed}
 
 
-def sample_grid(samples: Samples, class_names: list[str] | None, grid_images: int):
+def sample_grid(samples: SampleSet, class_names: list[str] | None, grid_images: int):
     """Rows by class name (the first grid_images / classes samples of each asked class) for class-conditional
-    samples; otherwise the first grid_images samples."""
-    if class_names and (samples.labels >= 0).any():
+    samples; otherwise the first grid_images samples. Reads only those images from the shards."""
+    labels = samples.labels()
+    if class_names and (labels >= 0).any():
         per_class = max(1, grid_images // len(class_names))
-        return labelled_grid(class_rows(samples.images, samples.labels, class_names, per_class), scale=2)
-    return grid_image(samples.images[:grid_images], scale=2)
+        picked = [(name, np.flatnonzero(labels == i)[:per_class]) for i, name in enumerate(class_names)]
+        picked = [(name, idx) for name, idx in picked if len(idx)]
+        images = samples.take(np.concatenate([idx for _, idx in picked]), ["images"])["images"]
+        bounds = np.cumsum([0] + [len(idx) for _, idx in picked])
+        return labelled_grid([(name, images[a:b]) for (name, _), a, b in zip(picked, bounds, bounds[1:])], scale=2)
+    return grid_image(samples.take(range(min(grid_images, len(samples))), ["images"])["images"], scale=2)
 
 
 def data_description(d) -> dict:
@@ -87,6 +94,14 @@ def draw(sampler, fabric, s, start: int, count: int) -> Samples | None:
                                     max_kv_gib=s.max_kv_gib, dtype=s.dtype)
     gathered = gather_rows(fabric, [part.images, part.labels, *part.codes], count)
     return None if gathered is None else Samples(images=gathered[0], labels=gathered[1], codes=gathered[2:])
+
+
+def draw_shard(sampler, fabric, s) -> Samples:
+    """This rank's samples of the stream ``0 .. s.num - 1``: ``rank, rank + world, ...`` (shard_indices)."""
+    indices = shard_indices(s.num, fabric.global_rank, fabric.world_size)
+    return sampler.generate_samples(len(indices), s.temperature, s.top_k, s.top_p, s.labels, s.guidance, s.seed,
+                                    s.batch_size, indices=indices, progress=fabric.global_rank == 0,
+                                    max_kv_gib=s.max_kv_gib, dtype=s.dtype)
 
 
 def subset(samples: Samples, keep: np.ndarray) -> Samples:
@@ -143,7 +158,7 @@ def rejection_classifier(cfg: Config, run: RunFolder, cfg1: Config, sampler, fab
     return extractor
 
 
-def run_sample(cfg: Config, run: RunFolder) -> Samples | None:
+def run_sample(cfg: Config, run: RunFolder) -> SampleSet | None:
     sampler, cfg1 = build_sampler(run)
     fabric = make_fabric(cfg.fabric)
     sampler = sampler.to(fabric.device)
@@ -158,41 +173,52 @@ def run_sample(cfg: Config, run: RunFolder) -> Samples | None:
     sampler.sampling_defaults, sampler.card = settings, card_facts(run, cfg1, sampler)
     rejecting = s.accept < 1 or s.threshold > 0
     classifier = rejection_classifier(cfg, run, cfg1, sampler, fabric) if rejecting else None
+    stamp = fabric.broadcast(uuid.uuid4().hex[:12], src=0)  # ties this sampling's shards to its manifest
     start = time.perf_counter()
-    if rejecting:
+    if rejecting:  # keeping the most typical samples needs all of them: gathered, written by rank 0 as one shard
         samples, drawn = rejected(sampler, fabric, s, classifier, cfg.evaluate.batch_size)
         settings = {**settings, "accept": s.accept, "threshold": s.threshold, "candidates": drawn}
-    else:
-        samples, drawn = draw(sampler, fabric, s, 0, s.num), s.num
+        world, mine = 1, samples
+    else:  # each rank writes the shard it drew: no image crosses processes
+        world, mine, drawn = fabric.world_size, draw_shard(sampler, fabric, s), s.num
     elapsed = time.perf_counter() - start
 
-    def write() -> None:  # rank 0 only
-        grid = None  # built before anything is written, so a failure leaves the previous files as they were
+    def write_shard_of_rank() -> None:
+        if mine is not None:
+            write_shard(run.samples, fabric.global_rank, world, stamp, mine.images, mine.labels,
+                        dict(zip(sampler.level_names, mine.codes)), settings)
+
+    on_every_rank(fabric, write_shard_of_rank)
+
+    def write() -> SampleSet:  # rank 0 only, once every shard is written
+        manifest = manifest_of(s.num, world, stamp, settings, sampler.level_names)
+        samples = SampleSet(run.samples, manifest)
+        grid = None  # built before the manifest is written, so a failure leaves the previous sample set in place
         if s.grid_images:
             grid = sample_grid(samples, sampler.class_names, s.grid_images)
-        arrays = {f"codes_{n}": c for n, c in zip(sampler.level_names, samples.codes)}
-        atomic_savez(run.samples_npz, images=samples.images, labels=samples.labels,
-                     settings=np.asarray(json.dumps(settings)), **arrays)
+        commit(run.samples, manifest)
         if grid is not None:
             atomic_save_png(run.sample_grid, grid)
         sampler.save_pretrained(run.sampler)
-        written = f"{run.samples_npz}" + (f", {run.sample_grid}" if grid is not None else "")
+        written = (f"{run.samples_npz}" if world == 1 else f"{world} shards and {MANIFEST} in {run.samples}") + (
+            f", {run.sample_grid}" if grid is not None else "")
         if rejecting:
             fabric.print(f"rejection: kept {s.num} of {drawn} samples ({s.num / drawn:.0%}, "
                          + (f"accept {s.accept:g}" if s.accept < 1 else f"threshold {s.threshold:g}")
                          + f"), {drawn / s.num:.2f} sampled per kept image")
         fabric.print(f"sample: {s.num} images in {elapsed:.1f} s ({s.num / elapsed:.0f} img/s) -> {written}; "
                      f"sampler exported to {run.sampler}")
+        return samples
 
-    on_rank_zero(fabric, write)  # a failure there stops every rank with its message
-    return samples
+    return on_rank_zero(fabric, write)  # a failure there stops every rank with its message
 
 
 def main(argv=None) -> int:
     parser = stage_parser(
         "sample",
-        "Sample images (RUN/samples/samples.npz, grid.png) with temperature, top-k, top-p, labels and guidance from "
-        "the sample.* config keys, and export the sampler (RUN/sampler/).",
+        "Sample images (RUN/samples/samples.npz, or a shard per process and manifest.json; grid.png) with "
+        "temperature, top-k, top-p, labels and guidance from the sample.* config keys, and export the sampler "
+        "(RUN/sampler/).",
         ("fabric", "sample"),
         example="sample.num=64 sample.labels=7 sample.guidance=2",
     )

@@ -56,6 +56,13 @@ def run(module, run_dir, *overrides, fresh=False, config=SMOKE):
     return module.main(argv)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _reference_dir(tmp_path_factory):
+    """Real sets' statistics (evaluate.reference_dir) go to a folder of this session, never the user's cache;
+    tests that need a cache of their own pass evaluate.reference_dir."""
+    os.environ["PIPELINE_REFERENCE_DIR"] = str(tmp_path_factory.mktemp("reference"))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -21,9 +21,10 @@ import pytest
 import torch
 
 from pipeline.config import FabricConfig
-from pipeline.distributed import on_rank_zero, rank_zero_first
+from pipeline.distributed import on_every_rank, on_rank_zero, rank_zero_first
 from pipeline.fabric import make_fabric
 from pipeline.io import UserError, load_checkpoint
+from pipeline.samples import load_sample_set
 from pipeline.training import StepSampler
 from stages import evaluate, sample, stage1
 from tests.conftest import SMOKE, assert_same_images, copy_run, run
@@ -189,6 +190,40 @@ def test_rank_zero_first_runs_on_rank_zero_then_the_others():
     assert on_rank_zero(FakeRank(0), lambda: order.append(2) or "c") == "c"
     assert on_rank_zero(FakeRank(1), lambda: order.append(3) or "d") is None
     assert order == [0, 1, 2]
+
+
+class FakePair(FakeRank):
+    """Two ranks run one after the other for ``on_every_rank``: ``all_gather`` returns both ranks' failure flags
+    (known beforehand), ``broadcast`` hands the later rank what the earlier one sent."""
+
+    def __init__(self, rank: int, flags: list[int]) -> None:
+        super().__init__(rank)
+        self.flags, self.device = flags, torch.device("cpu")
+
+    def all_gather(self, t):
+        return torch.tensor(self.flags).reshape(2, 1)
+
+    def broadcast(self, obj, src=0):
+        if self.global_rank == src:
+            FakeRank.sent.append(obj)
+            return obj
+        return FakeRank.sent.pop()
+
+
+def test_failure_on_any_rank_is_raised_on_every_rank():
+    """Each rank writes its own sample shard: when rank 1's write fails, rank 0 must stop with rank 1's reason
+    instead of waiting for it at the manifest's barrier."""
+    error = OSError(28, "No space left on device")
+
+    def fails():
+        raise error
+
+    with pytest.raises(OSError) as got1:  # rank 1 (run first: it sends): its own exception
+        on_every_rank(FakePair(1, [0, 1]), fails)
+    assert got1.value is error
+    with pytest.raises(UserError, match=r"^rank 1 failed: OSError: \[Errno 28\] No space left on device$"):
+        on_every_rank(FakePair(0, [0, 1]), lambda: "written")
+    assert on_every_rank(FakePair(0, [0, 0]), lambda: "written") == "written"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -437,27 +472,36 @@ def two_process_samples(smoke_run, tmp_path_factory):
 
 @pytest.mark.slow
 def test_sampling_with_two_processes_gives_the_same_images(smoke_run, two_process_samples):
+    """Each rank writes the shard it drew (no gather); read through the manifest they are the 1-process images."""
     run_dir, proc = two_process_samples
     assert proc.returncode == 0 and proc.stdout.count("sample: 40 images") == 1
-    with np.load(smoke_run / "samples" / "samples.npz") as one, np.load(run_dir / "samples" / "samples.npz") as two:
-        assert sorted(one.files) == sorted(two.files)
-        for key in ("labels", "settings"):  # drawn from seeds, not computed in floats: exact
-            assert np.array_equal(one[key], two[key]), key
-        levels = sorted(k for k in one.files if k.startswith("codes_"))
-        assert_same_images(one["images"], [one[k] for k in levels], two["images"], [two[k] for k in levels])
+    assert files(run_dir / "samples") == ["grid.png", "manifest.json", "shard-00000-of-00002.npz",
+                                          "shard-00001-of-00002.npz"]
+    one, two = load_sample_set(smoke_run / "samples"), load_sample_set(run_dir / "samples")
+    assert one.settings == two.settings and len(one) == len(two) == 40
+    a, b = one.take(range(40)), two.take(range(40))
+    assert sorted(a) == sorted(b)
+    assert np.array_equal(a["labels"], b["labels"])  # drawn from seeds, not computed in floats: exact
+    levels = sorted(k for k in a if k.startswith("codes_"))
+    assert_same_images(a["images"], [a[k] for k in levels], b["images"], [b[k] for k in levels])
+    with np.load(run_dir / "samples" / "shard-00001-of-00002.npz") as shard:  # rank 1 drew samples 1, 3, 5, ...
+        assert np.array_equal(shard["labels"], a["labels"][1::2])
     assert files(run_dir / "sampler") == ["README.md", "config.json", "model.safetensors", "samples.png"]
-    assert (run_dir / "samples" / "grid.png").is_file()
     assert leftovers(run_dir) == []
 
 
 @pytest.mark.slow
 def test_evaluation_with_two_processes_gives_the_same_numbers(two_process_samples, tmp_path):
+    """Each rank scores its share: FID and IS from all-reduced sums, precision/recall/KID from the first 30
+    features gathered on rank 0 (evaluate.gather_features); the numbers are the 1-process run's on the same
+    shards, and the real sets' statistics are computed by both (their own reference_dir), not read."""
     run2, proc = two_process_samples
     assert proc.returncode == 0
     run1 = copy_run(run2, tmp_path / "one")  # the same samples, evaluated by one process (in this process)
-    assert run(evaluate, run1) == 0
-    two = torchrun_stage("evaluate", run2)
-    assert two.returncode == 0
+    assert run(evaluate, run1, f"evaluate.reference_dir={tmp_path / 'ref1'}", "evaluate.gather_features=30") == 0
+    two = torchrun_stage("evaluate", run2, f"evaluate.reference_dir={tmp_path / 'ref2'}",
+                         "evaluate.gather_features=30")
+    assert two.returncode == 0 and "read from" not in two.stdout
     a = json.loads((run1 / "eval" / "report.json").read_text())
     b = json.loads((run2 / "eval" / "report.json").read_text())
 
@@ -473,12 +517,13 @@ def test_evaluation_with_two_processes_gives_the_same_numbers(two_process_sample
         return out
 
     na, nb = numbers(a), numbers(b)
-    assert set(na) == set(nb) and {"fid", "precision", "recall", "real_floor.fid", "recon.rfid"} <= set(na)
+    assert set(na) == set(nb) and {"fid", "precision", "recall", "real_floor.fid", "recon.rfid",
+                                   "inception_score.mean", "kid.mean"} <= set(na)
     for key in na:
         assert nb[key] == pytest.approx(na[key], rel=1e-5, abs=1e-6), key
     # the classifier was trained once, by rank 0, and cached; every file written once
     assert [f.split("-")[0] for f in files(run2 / "eval")] == [
-        "classifier.ckpt", "codebook_usage.png", "reconstructions.png", "reference/holdout", "reference/recon",
-        "reference/train", "report.json", "report.md"]
+        "classifier.ckpt", "codebook_usage.png", "reconstructions.png", "reference/recon", "report.json", "report.md"]
+    assert [f.split("-")[0] for f in files(tmp_path / "ref2")] == ["holdout", "train"]
     assert two.stdout.count("domain classifier: held-out accuracy") == 1
     assert leftovers(run2) == []

@@ -355,29 +355,57 @@ def test_data_stage_on_the_default_preset_and_preview_rows_by_class(tmp_path, ca
     assert "(images from the cache)" in capsys.readouterr().out
 
 
-def test_reference_features_are_cached_per_data_extractor_and_n(smoke_run, tmp_path, monkeypatch):
-    """A second evaluation reads the real images' features, and those of their reconstructions by this stage-1
-    model, from RUN/eval/reference/ instead of running the extractor on them; another N is another entry."""
-    from pipeline.metrics import extract
+def test_evaluation_beyond_the_held_out_set_and_its_reference_statistics_shared_by_runs(smoke_run, tmp_path, capsys):
+    """evaluate.num_real above the 60 held-out images tops the real floor up with train images outside the
+    reference; the real sets' statistics go to evaluate.reference_dir, where the evaluation of another run folder
+    (same data, same classifier weights) reads them instead of running the extractor; a changed provenance
+    (another feature count kept) recomputes."""
+    import shutil
 
-    run_dir = copy_run(smoke_run, tmp_path / "run")
-    assert run(evaluate, run_dir) == 0
-    cached = sorted((run_dir / "eval" / "reference").glob("*.npz"))
-    assert [p.name.split("-")[0] for p in cached] == ["holdout", "recon", "train"]
-    first = json.loads((run_dir / "eval" / "report.json").read_text())
-    calls = []
-    real_features_of = extract.features_of
-    monkeypatch.setattr(extract, "features_of", lambda *a, **kw: calls.append(kw.get("desc", a[-1])) or
-                        real_features_of(*a, **kw))
-    assert run(evaluate, run_dir) == 0
-    assert calls == []  # the real side came from the cache (the stage calls its own features_of for samples)
-    again = json.loads((run_dir / "eval" / "report.json").read_text())
-    assert again["fid"] == first["fid"] and again["real_floor"] == first["real_floor"]
-    assert again["recon"]["rfid"] == first["recon"]["rfid"]
-    assert [p.stat().st_mtime_ns for p in cached] == [p.stat().st_mtime_ns for p in sorted(
-        (run_dir / "eval" / "reference").glob("*.npz"))]
-    assert run(evaluate, run_dir, "evaluate.num_real=20") == 0
-    assert len(list((run_dir / "eval" / "reference").glob("*.npz"))) == 6
+    ref = tmp_path / "reference"
+    args = ["evaluate.num_real=80", f"evaluate.reference_dir={ref}", "evaluate.bootstrap=0"]
+    first = copy_run(smoke_run, tmp_path / "first", parts=("config.yaml", "stage1", "codes", "stage2"))
+    assert run(sample, first, "sample.num=80", "sample.grid_images=0") == 0
+    assert run(evaluate, first, *args) == 0
+    out = capsys.readouterr().out
+    assert "read from" not in out
+    report = json.loads((first / "eval" / "report.json").read_text())
+    assert report["num_samples"] == 80 and report["real_floor_images"] == {"holdout": 60, "train": 20}
+    assert sum(r["real"] for r in report["per_class"]["classes"]) == 80
+    assert "80 real images (60 held-out, 20 train images outside the reference)" in (
+        first / "eval" / "report.md").read_text()
+    cached = sorted(p.name.split("-")[0] for p in ref.glob("*.npz"))
+    assert cached == ["holdout", "holdout+train", "train"]  # rFID's 60 held-out, the floor, the reference
+    assert [p.name.split("-")[0] for p in (first / "eval" / "reference").glob("*.npz")] == ["recon"]
+
+    second = copy_run(first, tmp_path / "second", parts=("config.yaml", "stage1", "codes", "stage2", "samples"))
+    (second / "eval").mkdir()
+    shutil.copy2(first / "eval" / "classifier.ckpt", second / "eval")  # the same extractor weights
+    stamps = {p: p.stat().st_mtime_ns for p in ref.glob("*.npz")}
+    assert run(evaluate, second, *args) == 0
+    out = capsys.readouterr().out
+    for what in ("80 train images", "80 holdout+train images", "60 holdout images"):
+        assert f"domain: statistics of {what} read from {ref}" in out, what
+    assert {p: p.stat().st_mtime_ns for p in ref.glob("*.npz")} == stamps
+    again = json.loads((second / "eval" / "report.json").read_text())
+    for key in ("fid", "precision", "recall"):
+        assert again[key] == pytest.approx(report[key], rel=1e-9) and again["real_floor"][key] == pytest.approx(
+            report["real_floor"][key], rel=1e-9), key
+
+    assert run(evaluate, second, *args, "evaluate.gather_features=50") == 0  # another provenance: recomputed
+    assert "read from" not in capsys.readouterr().out and len(list(ref.glob("*.npz"))) == 6
+
+
+def test_evaluation_size_names_the_largest_num_real_the_data_allows():
+    from pipeline.config import EvaluateConfig
+    from pipeline.io import UserError
+    from stages.evaluate import evaluation_size
+
+    assert evaluation_size(1000, 540, 60, EvaluateConfig()) == 60  # num_real=0: the held-out set's size
+    assert evaluation_size(1000, 540, 60, EvaluateConfig(num_real=300)) == 300  # 300 reference + 60 + 240 floor
+    assert evaluation_size(100, 540, 60, EvaluateConfig(num_real=300)) == 100  # no more than the samples
+    with pytest.raises(UserError, match="evaluate.num_real=301: .* set evaluate.num_real to at most 300"):
+        evaluation_size(1000, 540, 60, EvaluateConfig(num_real=301))
 
 
 def test_encode_and_reconstruct_files_reproduce_the_stage1_reconstructions(smoke_run, tmp_path, capsys):

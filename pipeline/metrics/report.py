@@ -11,28 +11,30 @@ from typing import Any
 import numpy as np
 
 from pipeline.io import atomic_write_bytes
-from pipeline.metrics.fid import fid_from_features, inception_score_from_logits
+from pipeline.metrics.moments import fid_from_moments, inception_score_from_sums
 from pipeline.metrics.prdc import precision_recall
+from pipeline.metrics.reduced import Reduced
 from pipeline.metrics.uncertainty import bootstrap_fid, bootstrap_share, kid_from_features
 
 METRIC_KEYS = ("precision", "recall", "density", "coverage")
 SHOWN_KEYS = ("fid", "kid", "inception_score", *METRIC_KEYS)  # the rows of the report's table
 
 
-def quality(ref: np.ndarray, other: np.ndarray, logits: np.ndarray | None, k: int, rounds: int = 0,
-            seed: int = 0) -> dict[str, Any]:
-    """FID, KID (mean and std over subsets), precision/recall/density/coverage and the Inception Score of
-    ``other`` against ``ref``; with ``rounds`` > 0, 95% bootstrap intervals of FID, precision and recall."""
-    out: dict[str, Any] = {"fid": fid_from_features(ref, other), "kid": kid_from_features(ref, other, seed=seed)}
-    prdc = precision_recall(ref, other, k=k, points=True)
+def quality(ref: Reduced, other: Reduced, k: int, rounds: int = 0, seed: int = 0) -> dict[str, Any]:
+    """FID (from both sets' moments), the Inception Score (from ``other``'s per-split sums), and from the gathered
+    features KID (mean and std over subsets) and precision/recall/density/coverage of ``other`` against ``ref``;
+    with ``rounds`` > 0, 95% bootstrap intervals of FID, precision and recall. Rank 0 only."""
+    out: dict[str, Any] = {"fid": fid_from_moments(ref.moments, other.moments),
+                           "kid": kid_from_features(ref.features, other.features, seed=seed)}
+    prdc = precision_recall(ref.features, other.features, k=k, points=True)
     precise, recalled = prdc.pop("precise"), prdc.pop("recalled")
     out.update(prdc)
     if rounds:
-        out["interval"] = {"fid": bootstrap_fid(ref, other, rounds, seed),
+        out["interval"] = {"fid": bootstrap_fid(ref.features, other.features, rounds, seed, estimate=out["fid"]),
                            "precision": bootstrap_share(precise, 10 * rounds, seed),
                            "recall": bootstrap_share(recalled, 10 * rounds, seed)}
-    if logits is not None:
-        mean, std = inception_score_from_logits(logits, splits=10 if len(logits) >= 100 else 1)
+    if other.scores is not None:
+        mean, std = inception_score_from_sums(other.scores)
         out["inception_score"] = {"mean": mean, "std": std}
     else:
         out["inception_score"] = "unavailable: the inception extractor has no classifier head"
@@ -42,13 +44,13 @@ def quality(ref: np.ndarray, other: np.ndarray, logits: np.ndarray | None, k: in
 def per_class_accuracy(logits: np.ndarray | None, labels: np.ndarray, real_logits: np.ndarray | None,
                        real_labels: np.ndarray, class_names: list[str] | None) -> dict[str, Any] | None:
     """The share of class-conditional samples the domain classifier assigns to the asked class, per class and in
-    all, beside the same share for real held-out images of each class (its floor). None when the samples are
-    unconditional or the extractor has no classifier head."""
+    all, beside the same share for real held-out images of each class (its floor). ``logits`` (N, classes) or
+    the predicted classes (N,). None when the samples are unconditional or the extractor has no classifier head."""
     if not class_names or logits is None or real_logits is None or not (labels >= 0).any():
         return None
 
     def share(lg: np.ndarray, lab: np.ndarray) -> tuple[float | None, int]:
-        hit = lg.argmax(1) == lab
+        hit = (lg.argmax(1) if lg.ndim == 2 else lg) == lab
         return (float(hit.mean()) if len(hit) else None), int(len(hit))
 
     rows = []
@@ -160,6 +162,16 @@ def summary_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def floor_images(report: dict) -> str:
+    """The real floor's images in words: N held-out, or held-out topped up with train images (evaluate.num_real
+    above the held-out set's size)."""
+    split = report.get("real_floor_images") or {"holdout": report["num_samples"], "train": 0}
+    if not split["train"]:
+        return f"{report['num_samples']} real held-out images"
+    return (f"{report['num_samples']} real images ({split['holdout']} held-out, {split['train']} train images "
+            "outside the reference)")
+
+
 def _pct(v: float | None) -> str:
     return "-" if v is None else f"{v:.0%}"
 
@@ -193,7 +205,7 @@ def report_markdown(report: dict, title: str, pictures: dict[str, str]) -> str:
         + (f" (held-out accuracy {domain['classifier_heldout_accuracy']:.2%})"
            if "classifier_heldout_accuracy" in domain else "")
         + f"; k = {report['k']} for precision/recall/density/coverage. The real floor is the same metrics for "
-        f"{report['num_samples']} real held-out images against the same reference. KID is the mean ± standard "
+        f"{floor_images(report)} against the same reference. KID is the mean ± standard "
         "deviation over 100 random subsets of half the images; [brackets] are 95% bootstrap intervals: FID ± 1.96 "
         f"standard deviations of FID over {report.get('bootstrap_rounds', 0)} resamplings of both sets, and the "
         "percentile interval of precision and recall over resamplings of their per-image in/out indicators.",
