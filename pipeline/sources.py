@@ -259,9 +259,20 @@ def has_labels(cfg: DataConfig) -> bool | None:
     return folder_classes(train_root, files, str(train_root)) is not None if files else None
 
 
-def _folder(cfg: DataConfig) -> Prepared:
-    import datasets
+@dataclass
+class FolderFiles:
+    """An image folder listed, nothing decoded: per split (``train``, and the folder's own held-out split under its
+    name) the image files in sorted order and their labels (empty arrays when unlabelled)."""
 
+    files: dict[str, list[Path]]
+    labels: dict[str, np.ndarray]  # int64 label per file, by split; -1 where the folder has no class folders
+    class_names: list[str] | None
+    holdout_name: str = ""  # "" when the folder has no held-out split of its own
+
+
+def list_folder(cfg: DataConfig) -> FolderFiles:
+    """List ``data.path`` (its split and class folders; the layout errors of a folder are raised here), reading
+    no image: the cheap, deterministic first step both of decoding up front and of streaming."""
     root = Path(cfg.path).expanduser()
     if not root.is_dir():
         raise UserError(f"data.path={cfg.path} is not a folder; point data.path at a folder of images")
@@ -281,15 +292,26 @@ def _folder(cfg: DataConfig) -> Prepared:
             extra = sorted(set(hold_names or []) - set(names or []))
             raise UserError(f"{hold_root} has {'class folders ' + ', '.join(extra) if extra else 'other labels'} "
                             f"that {train_root} does not; give both splits the same class folders")
-    prepared = Prepared({}, names, holdout_name=hold_name)
     index = {name: i for i, name in enumerate(names or [])}
+    labels = {}
     for split, found in files.items():
         base = train_root if split == "train" else hold_root
+        labels[split] = np.array([index[p.relative_to(base).parts[0]] for p in found] if names else
+                                 [-1] * len(found), dtype=np.int64)
+    return FolderFiles(files, labels, names, hold_name)
+
+
+def _folder(cfg: DataConfig) -> Prepared:
+    import datasets
+
+    listed = list_folder(cfg)
+    prepared = Prepared({}, listed.class_names, holdout_name=listed.holdout_name)
+    for split, found in listed.files.items():
         columns = {"image": [str(p) for p in found]}
-        if names:
-            columns["label"] = [index[p.relative_to(base).parts[0]] for p in found]
+        if listed.class_names:
+            columns["label"] = listed.labels[split].tolist()
         ds = datasets.Dataset.from_dict(columns)  # built here, not by load_dataset: nothing is cached or downloaded
-        prepared.splits[split] = _decode_column(ds, cfg, "image", "label" if names else "", prepared)
+        prepared.splits[split] = _decode_column(ds, cfg, "image", "label" if listed.class_names else "", prepared)
     return prepared
 
 
