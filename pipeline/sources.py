@@ -30,6 +30,7 @@ HOLDOUT_NAMES = ("val", "validation", "test")  # a source's own held-out split, 
 SPLIT_FOLDERS = ("train", *HOLDOUT_NAMES)
 PARALLEL_MIN = 4_000  # images per process below which decoding stays in this process
 FASHION_IDX = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
+UNREADABLE = (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError)  # a bad file
 
 
 @dataclass
@@ -188,8 +189,8 @@ def _decode_column(ds, cfg: DataConfig, image_key: str, label_key: str, prepared
                 mode, rotated = source_mode(img), exif_rotated(img)
                 img, to_grey = decode_image(img, cfg.channels, background)
                 arr = fit_image(img, cfg.image_size, cfg.channels)
-            except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
-                error = str(err).splitlines()[0].rstrip(".") if str(err) else type(err).__name__
+            except UNREADABLE as err:
+                error = unreadable_reason(err)
                 if cfg.on_corrupt == "error":
                     raise UserError(f"cannot read image {where}: {error}; fix or remove it, or set "
                                     "data.on_corrupt=skip") from None
@@ -215,6 +216,11 @@ def _decode_column(ds, cfg: DataConfig, image_key: str, label_key: str, prepared
     if any(errors):
         ds = ds.filter(lambda e: not e, input_columns="error", desc="dropping unreadable images")
     return ds.remove_columns(["error", "mode", "rotated", "to_grey"])
+
+
+def unreadable_reason(err: Exception) -> str:
+    """Why an image file could not be read, in one line (PIL's message, else the exception's name)."""
+    return str(err).splitlines()[0].rstrip(".") if str(err) else type(err).__name__
 
 
 def _image_files(root: Path) -> list[Path]:
