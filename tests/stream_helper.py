@@ -7,8 +7,10 @@ same command, so both ranks record. Every image file decoded (``pipeline.streami
 ``LOG_DIR/<who>-<pid>.txt``, ``who`` being ``setup`` before training starts, ``rank<r>-main`` in a rank's own
 process during training (validation) and ``rank<r>-worker`` in its DataLoader workers. At its first training step
 each rank writes ``LOG_DIR/rank<r>.json``: how many files had been decoded by then (its own, and rank 0's set-up)
-and the seconds since the process started. With STOP_AT >= 0 every rank sends itself SIGINT (Ctrl-C) in step
-STOP_AT, as mp_resume_helper does: the run stops at the next step boundary, checkpointed.
+and the seconds since the process started; after training, ``LOG_DIR/rank<r>-end.json``: its peak resident
+memory (VmHWM, the rank's own process) and the seconds since it started. With STOP_AT >= 0 every rank sends
+itself SIGINT (Ctrl-C) in step STOP_AT, as mp_resume_helper does: the run stops at the next step boundary,
+checkpointed.
 """
 
 from __future__ import annotations
@@ -21,6 +23,23 @@ import time
 from pathlib import Path
 
 START = time.monotonic()
+
+
+def png_folder(root: Path, n: int, classes: tuple[str, ...] = ("a", "b"), size: int = 16) -> Path:
+    """``n`` distinct random grey PNGs dealt to class folders: a synthetic image folder, about 0.25 ms per file."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8), "L").save(buf, format="PNG")
+        (root / classes[i % len(classes)] / f"{i:06d}.png").write_bytes(buf.getvalue())
+    return root
 
 
 def decoded(log: Path, prefix: str) -> int:
@@ -36,6 +55,7 @@ def main() -> int:
 
     import pipeline.streaming as streaming
     import stages.stage1 as stage1
+    from bench.memory import vmhwm_bytes
 
     real_load, real_fit = streaming.load_image_file, stage1.fit
     who = {"tag": "setup"}
@@ -63,7 +83,10 @@ def main() -> int:
             return step_fn(fabric, model, batch, step)
 
         task.training_step = training_step
-        return real_fit(fabric, task, *args, **kwargs)
+        metrics = real_fit(fabric, task, *args, **kwargs)
+        (log / f"rank{rank}-end.json").write_text(json.dumps({"peak_rss_bytes": vmhwm_bytes(),
+                                                              "seconds": time.monotonic() - START}))
+        return metrics
 
     streaming.load_image_file, stage1.fit = load_and_record, fit_and_record
     return stage1.main(argv)

@@ -3,17 +3,14 @@ access exactly as decoding up front does, the same held-out split, unreadable fi
 depend on the worker; and with 2 processes (the real command, Fabric's launcher): disjoint shards that cover the
 training files, no decoding of the folder before step 1, and exact resume after Ctrl-C."""
 
-import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader
 
 from pipeline import streaming
@@ -23,20 +20,9 @@ from pipeline.io import UserError, load_checkpoint
 from pipeline.streaming import StreamedTraining, UnreadableImage, load_stream_data, stream_listing
 from pipeline.training import ShardSampler, _identity
 from tests.conftest import SMOKE, rounding_tolerance
+from tests.stream_helper import png_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def png_folder(root: Path, n: int, classes=("a", "b"), size: int = 16) -> Path:
-    """``n`` distinct random grey PNGs split over class folders; about 0.25 ms per file."""
-    rng = np.random.default_rng(0)
-    for c in classes:
-        (root / c).mkdir(parents=True)
-    for i in range(n):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8), "L").save(buf, format="PNG")
-        (root / classes[i % len(classes)] / f"{i:06d}.png").write_bytes(buf.getvalue())
-    return root
 
 
 def folder_cfg(path, **kw) -> DataConfig:
