@@ -224,8 +224,23 @@ def unreadable_reason(err: Exception) -> str:
 
 
 def _image_files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(root).parts))  # no hidden files
+    """The image files under ``root`` at any depth, sorted; hidden files and folders are left out, symlinked folders
+    are not entered. One ``scandir`` per folder and no ``stat`` per plain file: a streamed run lists its folder before
+    every start (``rglob`` with ``is_file`` took several times as long)."""
+    found, folders = [], [str(root)]
+    while folders:
+        try:
+            entries = list(os.scandir(folders.pop()))
+        except PermissionError:  # an unreadable sub-folder is skipped, as rglob does
+            continue
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            if e.is_dir(follow_symlinks=False):
+                folders.append(e.path)
+            elif os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES and e.is_file():
+                found.append(e.path)
+    return sorted(map(Path, found))
 
 
 def _split_roots(root: Path, cfg: DataConfig) -> tuple[Path, Path | None, str]:
@@ -302,7 +317,8 @@ def list_folder(cfg: DataConfig) -> FolderFiles:
     labels = {}
     for split, found in files.items():
         base = train_root if split == "train" else hold_root
-        labels[split] = np.array([index[p.relative_to(base).parts[0]] for p in found] if names else
+        top = len(base.parts)  # p.parts[top] is p's first folder under base (relative_to is slow on millions)
+        labels[split] = np.array([index[p.parts[top]] for p in found] if names else
                                  [-1] * len(found), dtype=np.int64)
     return FolderFiles(files, labels, names, hold_name)
 
@@ -325,7 +341,8 @@ def folder_classes(root: Path, files: list[Path], shown: str, single_ok: bool = 
     """The class names of an image folder: its first-level sub-folders when every image is inside one (sorted;
     at least two, none empty), None when every image is at the top (unlabelled). Anything between is an error
     naming the files or folders to move."""
-    depth = [len(f.relative_to(root).parts) for f in files]
+    top = len(root.parts)  # f.parts[top:] is f relative to root (relative_to is slow on millions of files)
+    depth = [len(f.parts) - top for f in files]
     if all(d == 1 for d in depth):
         return None
     stray = [f.name for f, d in zip(files, depth) if d == 1]
@@ -333,7 +350,7 @@ def folder_classes(root: Path, files: list[Path], shown: str, single_ok: bool = 
         raise UserError(f"data.path={shown} has {len(stray)} image(s) at its top ({', '.join(stray[:3])}) beside "
                         "class folders; move them into a class folder (or all images to the top for unlabelled "
                         "data)")
-    names = sorted({f.relative_to(root).parts[0] for f in files})
+    names = sorted({f.parts[top] for f in files})
     empty = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name not in names and not d.name.startswith("."))
     if empty:
         raise UserError(f"class folder {root / empty[0]} holds no images; add images or remove it")
