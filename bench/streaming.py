@@ -15,7 +15,7 @@ from bench.common import ROOT, Context, Result, Row, compare, failure, run_child
 
 SIZES = (2_000, 20_000)
 BATCH, WORKERS = 64, 2
-MEMORY_TARGET = 1.15  # the larger folder's peak memory per rank within 15% of the smaller one's
+MEMORY_RATIO = 0.87  # the larger folder's peak memory per rank within 15% of the smaller one's (1 / 1.15)
 
 
 def _stage1(ctx: Context, folder: Path, base: Path, name: str, steps: int, streaming: str = "always") -> dict:
@@ -83,7 +83,7 @@ def bench_streaming(ctx: Context) -> Result:
         rows.append(compare("streaming", f"peak RSS rank {r}: {large:,} vs {small:,} files",
                             figure(runs[large], "peak_rss_bytes", r, 1 / 2**20),
                             figure(runs[small], "peak_rss_bytes", r, 1 / 2**20), "MB", higher_is_better=False,
-                            min_ratio=1 / MEMORY_TARGET, note="target: within 15% (the ratio at least 0.87x)"))
+                            min_ratio=MEMORY_RATIO, note="target: within 15%"))
     rows.append(compare("streaming", f"seconds to step 1 (rank 0): {large:,} vs {small:,} files",
                         figure(runs[large], "startup_s", 0), figure(runs[small], "startup_s", 0), "s",
                         higher_is_better=False))

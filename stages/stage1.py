@@ -89,10 +89,11 @@ def run_stage1(cfg: Config, run: RunFolder, fresh: bool = False) -> dict[str, fl
         trained_for = load_checkpoint(last)["meta"]["config"]
         changes = config_diff(trained_for, cfg.to_dict(), STAGE1_KEYS) + critic_changes(trained_for, cfg)
         check_resumable(last, changes, "config", "stage1")
-    if cfg.prior.class_conditional and has_labels(cfg.data) is False:
+    listed = stream_listing(cfg.data)  # every process lists the files; workers decode them while training
+    labelled = (listed.class_names is not None) if listed is not None else has_labels(cfg.data)
+    if cfg.prior.class_conditional and labelled is False:
         no_labels(cfg)
     fabric = make_fabric(cfg.fabric, loggers=make_loggers(run.stage1))
-    listed = stream_listing(cfg.data)  # every rank lists the files; workers decode them while training
     if listed is not None:
         data = load_stream_data(cfg.data, listed)
     else:  # rank 0 prepares and caches the images, then the other ranks read the cache
