@@ -53,6 +53,19 @@ def _worker_rates(ctx: Context, folder: Path, quick: bool) -> dict:
     return {k: scaled(t, invert=len(picks)) for k, t in timings.items()}
 
 
+def _listing_seconds(ctx: Context, folders: dict[int, Path]) -> dict[int, float | str]:
+    """Seconds to list a folder and split its files (what a streamed start does before the model), per size."""
+    from pipeline.config import DataConfig
+    from pipeline.streaming import load_stream_data, stream_listing
+
+    def listing(folder: Path):
+        cfg = DataConfig(source="folder", path=str(folder), image_size=16, streaming="always")
+        return lambda: load_stream_data(cfg, stream_listing(cfg))
+
+    timings = time_interleaved({n: listing(f) for n, f in folders.items()}, ctx.device, warmup=1, repeats=3)
+    return {n: scaled(t) for n, t in timings.items()}
+
+
 def bench_streaming(ctx: Context) -> Result:
     from tests.stream_helper import png_folder
 
@@ -75,6 +88,7 @@ def bench_streaming(ctx: Context) -> Result:
             runs["never"] = failure(exc)
         details["runs"] = runs
         details["worker_img_per_s"] = rates = _worker_rates(ctx, folders[small], ctx.quick)
+        details["listing_s"] = listed = _listing_seconds(ctx, folders)
 
     def figure(run, key: str, rank: int, scale: float = 1.0):
         return run if isinstance(run, str) else run[key][rank] * scale
@@ -91,6 +105,8 @@ def bench_streaming(ctx: Context) -> Result:
                         figure(runs[large], "startup_s", 0), figure(runs["never"], "startup_s", 0), "s",
                         higher_is_better=False, note="baseline: data.streaming=never (every image decoded and "
                         "cached before step 1)"))
+    rows.append(compare("streaming", f"list + split the folder: {large:,} vs {small:,} files", listed[large],
+                        listed[small], "s", higher_is_better=False))
     for name, rate in rates.items():
         rows.append(Row("streaming", f"one worker, {name} (16 px PNG)", rate, unit="img/s"))
     train = runs[large]
