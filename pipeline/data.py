@@ -4,6 +4,7 @@ Every source is prepared once (:mod:`pipeline.sources`, decoded by :mod:`pipelin
 splits with two columns, ``pixels`` (uint8, C x S x S) and ``label`` (int, -1 where the source has none), optionally
 cached in a folder, then split into train and held-out parts: the source's own held-out split or a fixed seeded
 carve-out. Training code turns pixels into floats in [-1, 1] with :func:`to_float` and may :func:`augment` them.
+Stage 1 can instead stream a large image folder, decoding in the loader's workers (:mod:`pipeline.streaming`).
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ CSV (and TensorBoard, when installed) logs, periodic held-out evaluation, atomic
 optimizer, scheduler, step, RNG states, config) every ``checkpoint_every`` steps, automatic resume from
 ``last.ckpt``, a best checkpoint by the task's held-out metric, a NaN/Inf guard, and a checkpoint on Ctrl-C.
 
-Data order is a seeded permutation per epoch, sharded across processes, addressed by step: a resumed run
-sees exactly the batches the uninterrupted run would have seen.
+Data order is a seeded permutation per epoch, sharded across processes, addressed by step (data streamed from
+files: a fixed shard per process, its position saved in the checkpoint): a resumed run sees exactly the batches
+the uninterrupted run would have seen.
 """
 
 from __future__ import annotations
