@@ -238,3 +238,23 @@ def test_streamed_resume_after_ctrl_c_ends_with_the_straight_weights(streamed_ru
             assert (value - b["model"][key]).abs().max() <= rounding_tolerance(value), key
         else:
             assert torch.equal(value, b["model"][key]), key
+
+
+def test_stage1_streamed_stops_on_an_unreadable_file_with_one_line(tmp_path, capsys, monkeypatch):
+    """data.on_corrupt=error: the DataLoader worker's error reaches the user as the one ``error:`` line, no
+    traceback (the data report, which would decode the first images in this process, is left out)."""
+    from stages import stage1
+    from tests.conftest import run
+
+    monkeypatch.setattr(stage1, "write_data_report", lambda *a: None)
+    root = png_folder(tmp_path / "imgs", 40)
+    for p in sorted(root.rglob("*.png")):
+        p.write_bytes(b"not an image")  # every file: whichever the first batch draws
+    code = run(stage1, tmp_path / "run", "data.source=folder", f"data.path={root}", "data.streaming=always",
+               "data.num_workers=1", "data.on_corrupt=error", "data.max_images=0", "stage1.batch_size=4",
+               "stage1.max_steps=2", "prior.class_conditional=false", "stage1.grid_images=0")
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    line = [x for x in err.splitlines() if x.startswith("error: ")]
+    assert len(line) == 1 and line[0].startswith(f"error: cannot read image {root}/") and \
+        line[0].endswith("; fix or remove it, or set data.on_corrupt=skip")
