@@ -45,7 +45,8 @@ class DataConfig:
     hflip: bool = False  # stage-1 training only: flip each image left-right with probability 1/2
     crop_scale: float = 1.0  # stage-1 training only: random resized crop keeping >= this share of the area (1 = off)
     num_proc: int = 0  # processes that decode a large image set (0 = one per core)
-    num_workers: int = 0  # DataLoader worker processes
+    num_workers: int = 0  # DataLoader worker processes (with streaming: the processes that decode and augment)
+    streaming: str = "auto"  # stage 1, folder: always (decode in the loader, a shard per rank) | never | auto (> 2 GiB)
 
 
 @dataclass
@@ -569,6 +570,9 @@ def _validate_data(d: DataConfig, v: VQVAEConfig) -> None:
     _check(_is_colour(d.background), "data.background", d.background,
            "a colour name (white), #rrggbb or rgb(r, g, b)")
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+    _check_choice("data.streaming", d.streaming, ("auto", "always", "never"))
+    _check(d.streaming != "always" or d.source == "folder", "data.streaming", d.streaming,
+           f"streams only from an image folder (data.source=folder, not {d.source}); use auto or never")
 
 
 def _validate_strides(v: VQVAEConfig) -> None:

@@ -4,6 +4,7 @@ Every source is prepared once (:mod:`pipeline.sources`, decoded by :mod:`pipelin
 splits with two columns, ``pixels`` (uint8, C x S x S) and ``label`` (int, -1 where the source has none), optionally
 cached in a folder, then split into train and held-out parts: the source's own held-out split or a fixed seeded
 carve-out. Training code turns pixels into floats in [-1, 1] with :func:`to_float` and may :func:`augment` them.
+Stage 1 can instead stream a large image folder, decoding in the loader's workers (:mod:`pipeline.streaming`).
 """
 
 from __future__ import annotations
@@ -117,26 +118,35 @@ def load_image_data(cfg: DataConfig, cache_dir: Path | None = None) -> ImageData
 
 def _split(prepared: Prepared, cfg: DataConfig):
     ds = prepared.splits["train"]
+    hold = prepared.splits[prepared.holdout_name] if prepared.holdout_name else None
+    train_idx, hold_idx, how = split_indices(len(ds), None if hold is None else len(hold), prepared.holdout_name, cfg)
+    return ds.select(train_idx), (ds if hold is None else hold).select(hold_idx), how
+
+
+def split_indices(n: int, n_own: int | None, own_name: str, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, str]:
+    """Which of ``n`` training-source images train and which are held out, and how in words: with no held-out split
+    of the source's own (``n_own`` None) a seeded carve-out of data.holdout_fraction (shuffled order, mixed
+    classes; both index the training source); else a seeded subset of each split, the held-out indices into the
+    own split. Decoding up front and streaming both call this, so they split alike."""
     rng = np.random.default_rng(cfg.split_seed)
-    if not prepared.holdout_name:
-        order = rng.permutation(len(ds))
+    if n_own is None:
+        order = rng.permutation(n)
         if cfg.max_images:
             order = order[: cfg.max_images]
         n_hold = max(1, int(round(len(order) * cfg.holdout_fraction)))
         if len(order) - n_hold < 2:
-            raise UserError(f"only {len(ds)} usable image(s) in the data; need at least 3 for a train/held-out split")
+            raise UserError(f"only {n} usable image(s) in the data; need at least 3 for a train/held-out split")
         how = f"a seeded {cfg.holdout_fraction:.0%} carve-out, data.split_seed={cfg.split_seed}"
-        return ds.select(order[n_hold:]), ds.select(order[:n_hold]), how  # shuffled order: mixed classes
-    hold = prepared.splits[prepared.holdout_name]
-    n_train, n_hold = len(ds), len(hold)
+        return order[n_hold:], order[:n_hold], how
+    n_train, n_hold = n, n_own
     if cfg.max_images:
         n_hold = min(n_hold, max(1, int(round(cfg.max_images * cfg.holdout_fraction))))
         n_train = min(n_train, max(cfg.max_images - n_hold, 0))
     if n_train < 2:
         raise UserError(f"only {n_train} training image(s); need at least 2 (raise data.max_images or add images)")
-    how = f"the data's own {prepared.holdout_name} split" + (f", {n_hold} of {len(hold)} drawn with data.split_seed="
-                                                             f"{cfg.split_seed}" if n_hold < len(hold) else "")
-    return (ds.select(rng.permutation(len(ds))[:n_train]), hold.select(rng.permutation(len(hold))[:n_hold]), how)
+    how = f"the data's own {own_name} split" + (f", {n_hold} of {n_own} drawn with data.split_seed="
+                                               f"{cfg.split_seed}" if n_hold < n_own else "")
+    return rng.permutation(n)[:n_train], rng.permutation(n_own)[:n_hold], how
 
 
 def _cached_prepare(cfg: DataConfig, cache_dir: Path, sig: str) -> tuple[Prepared, bool]:
@@ -205,21 +215,22 @@ def data_summary(data: ImageData, cfg: DataConfig) -> dict[str, Any]:
     }
 
 
-def augment(x: torch.Tensor, hflip: bool, crop_scale: float) -> torch.Tensor:
-    """Training-only augmentation of float images (N, C, S, S), drawn per image from torch's global generator: a
-    random resized crop keeping a share in [crop_scale, 1] of the area (aspect ratio 3/4..4/3, bilinear, back to
-    S x S) when crop_scale < 1, then a left-right flip with probability 1/2 when ``hflip``."""
-    n = x.shape[0]
+def augment(x: torch.Tensor, hflip: bool, crop_scale: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Training-only augmentation of float images (N, C, S, S), drawn per image from ``generator`` (torch's global
+    one when None): a random resized crop keeping a share in [crop_scale, 1] of the area (aspect ratio 3/4..4/3,
+    bilinear, back to S x S) when crop_scale < 1, then a left-right flip with probability 1/2 when ``hflip``."""
+    n, g = x.shape[0], generator
     if crop_scale < 1:
-        area = torch.empty(n).uniform_(crop_scale, 1.0)
-        ratio = torch.empty(n).uniform_(math.log(3 / 4), math.log(4 / 3)).exp()
+        area = torch.empty(n).uniform_(crop_scale, 1.0, generator=g)
+        ratio = torch.empty(n).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g).exp()
         sw, sh = (area * ratio).sqrt().clamp(max=1.0), (area / ratio).sqrt().clamp(max=1.0)
         theta = torch.zeros(n, 2, 3)
         theta[:, 0, 0], theta[:, 1, 1] = sw, sh
-        theta[:, 0, 2], theta[:, 1, 2] = (torch.rand(n) * 2 - 1) * (1 - sw), (torch.rand(n) * 2 - 1) * (1 - sh)
+        theta[:, 0, 2] = (torch.rand(n, generator=g) * 2 - 1) * (1 - sw)
+        theta[:, 1, 2] = (torch.rand(n, generator=g) * 2 - 1) * (1 - sh)
         grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     if hflip:
-        flip = (torch.rand(n) < 0.5).to(x.device)
+        flip = (torch.rand(n, generator=g) < 0.5).to(x.device)
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     return x

@@ -5,8 +5,9 @@ CSV (and TensorBoard, when installed) logs, periodic held-out evaluation, atomic
 optimizer, scheduler, step, RNG states, config) every ``checkpoint_every`` steps, automatic resume from
 ``last.ckpt``, a best checkpoint by the task's held-out metric, a NaN/Inf guard, and a checkpoint on Ctrl-C.
 
-Data order is a seeded permutation per epoch, sharded across processes, addressed by step: a resumed run
-sees exactly the batches the uninterrupted run would have seen.
+Data order is a seeded permutation per epoch, sharded across processes, addressed by step (data streamed from
+files: a fixed shard per process, its position saved in the checkpoint): a resumed run sees exactly the batches
+the uninterrupted run would have seen.
 """
 
 from __future__ import annotations
@@ -72,6 +73,72 @@ class StepSampler(Sampler):
         return sys.maxsize
 
 
+class ShardSampler(Sampler):
+    """Batches of ``(index, epoch)`` pairs from this rank's own shard of ``n`` items, for data streamed from files:
+    a permutation seeded by ``seed`` dealt to ``world`` ranks once (each rank reads only its own files; equal shares,
+    so every rank takes as many steps), reshuffled every epoch by ``(seed, epoch, rank)``; partial batches dropped.
+    The position (epoch, batches into it) moves on by :meth:`advance` as the loop takes batches, not as the loader
+    prefetches them; a checkpoint keeps it with the seed (:meth:`state_dict`) and a resumed run continues there."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world
+        self.per_epoch = (n // world) // batch_size
+        if self.per_epoch < 1:
+            raise UserError(f"batch_size={batch_size} x {world} process(es) is larger than the {n} training images; "
+                            "lower the batch size")
+        self.epoch = self.offset = 0
+        self._deal(seed)
+
+    def _deal(self, seed: int) -> None:
+        self.seed = seed
+        self.shard = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed))[self.rank :: self.world]
+        self.shard = self.shard[: self.n // self.world]  # (n // world,) item indices
+
+    def order(self, epoch: int) -> list[int]:
+        """This rank's items in the order of ``epoch``."""
+        g = torch.Generator().manual_seed((self.seed * 100_003 + epoch) * 1_009 + self.rank)
+        return self.shard[torch.randperm(len(self.shard), generator=g)].tolist()
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, offset, b = self.epoch, self.offset, self.batch_size
+        while True:
+            order = self.order(epoch)
+            for k in range(offset, self.per_epoch):
+                yield [(i, epoch) for i in order[k * b : (k + 1) * b]]
+            epoch, offset = epoch + 1, 0
+
+    def __len__(self) -> int:  # infinite in principle; DataLoader wants a number
+        return sys.maxsize
+
+    def advance(self) -> None:
+        """One batch was taken."""
+        self.epoch, self.offset = divmod(self.epoch * self.per_epoch + self.offset + 1, self.per_epoch)
+
+    def seek(self, batches: int) -> None:
+        """Go to the position after ``batches`` batches (a checkpoint that holds no position)."""
+        self.epoch, self.offset = divmod(batches, self.per_epoch)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed, "n": self.n, "world": self.world,
+                "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, int]) -> str:
+        """Continue at the saved position, in the saved seed's order. Returns "" when the resume is exact; when the
+        item count, process count or batch size changed, the same share of the saved epoch is skipped instead and
+        the returned note says so."""
+        if state["seed"] != self.seed:
+            self._deal(state["seed"])
+        changed = [f"{k} {state[k]} -> {getattr(self, k)}" for k in ("n", "world", "batch_size")
+                   if state[k] != getattr(self, k)]
+        saved_per_epoch = max(1, (state["n"] // state["world"]) // state["batch_size"])
+        self.epoch = state["epoch"]
+        self.offset = state["offset"] * self.per_epoch // saved_per_epoch if changed else state["offset"]
+        if not changed:
+            return ""
+        return (f"the data shards changed ({', '.join(changed)}): continuing at {self.offset}/{self.per_epoch} "
+                f"batches of epoch {self.epoch}, in another order than an uninterrupted run")
+
+
 def _identity(batch: Any) -> Any:
     return batch
 
@@ -93,6 +160,7 @@ class Task:
     meta: dict[str, Any] = field(default_factory=dict)  # saved in every checkpoint (config, shapes, ...)
     log_prefix: str = ""  # e.g. "top/" when several models log into one folder
     num_workers: int = 0  # DataLoader worker processes
+    sharded: bool = False  # streamed data: fixed shards per rank (ShardSampler), the position saved in checkpoints
 
 
 class _StopOnInterrupt:
@@ -150,6 +218,7 @@ class _Loop:
     units_done: int = 0  # images or tokens since the last log line
     t_rate: float = field(default_factory=time.perf_counter)
     skipped: int = 0  # steps skipped for a non-finite loss
+    sampler: Any = None  # the training batches' sampler (set by _batches)
 
     @property
     def last(self) -> Path:
@@ -162,6 +231,8 @@ class _Loop:
                                  "hardware": hardware(self.fabric.device)}
         if self.fabric.world_size > 1:
             extra["rng_ranks"] = rank_rng_states(self.fabric)
+        if isinstance(self.sampler, ShardSampler):
+            extra["data"] = self.sampler.state_dict()  # the same on every rank
         if not self.fsdp:  # FSDP's full optimizer state is already keyed by parameter name
             extra["optimizer"] = optimizer_state_by_name(self.optimizer, self.param_names)
         save_checkpoint(self.fabric, path, {**self.state, **extra})
@@ -195,9 +266,10 @@ def _set_up(fabric, task: Task, tcfg: TrainConfig, out_dir: Path, desc: str) -> 
     return loop
 
 
-def _resume(loop: _Loop) -> tuple[dict | None, bool]:
+def _resume(loop: _Loop) -> tuple[dict, bool]:
     """Load ``last.ckpt`` into the state; the config's optimizer and schedule settings win (and are reported).
-    Returns (every rank's saved RNG states or None, whether the run had already finished)."""
+    Returns (what the checkpoint holds besides the state: every rank's RNG states, the data position, ...; whether
+    the run had already finished)."""
     fabric, tcfg, state = loop.fabric, loop.tcfg, loop.state
     saved = load_checkpoint(loop.last)  # a corrupt or unsafe file: one line, before Fabric's own loader sees it
     if "seconds" not in saved:  # written before training time was kept
@@ -207,24 +279,44 @@ def _resume(loop: _Loop) -> tuple[dict | None, bool]:
     if state["step"] >= tcfg.max_steps:
         fabric.print(f"{loop.desc}: already finished ({state['step']}/{tcfg.max_steps} steps) in {loop.out_dir}; "
                      "use --fresh to start over, or raise max_steps to continue")
-        return None, True
+        return rest, True
     changed = apply_settings(loop.optimizer, loop.scheduler, tcfg, rest.get("train"))
     fabric.print(f"{loop.desc}: resuming from {loop.last} at step {state['step']}"
                  + (f" with changed settings ({'; '.join(changed)}), applied from this step on" if changed else ""))
-    return rest.get("rng_ranks"), False
+    return rest, False
 
 
-def _batches(loop: _Loop, rank_rng: dict | None) -> Iterator:
-    """The training batches from the current step on (data order is addressed by step), then the RNG restored."""
-    fabric, tcfg, step0 = loop.fabric, loop.tcfg, loop.state["step"]
-    sampler = StepSampler(len(loop.task.train_set), tcfg.batch_size, tcfg.seed, fabric.global_rank,
-                          fabric.world_size, start=step0 * tcfg.grad_accum)
-    loader = DataLoader(loop.task.train_set, batch_sampler=sampler, collate_fn=_identity,
-                        num_workers=loop.task.num_workers, persistent_workers=loop.task.num_workers > 0)
-    batches = iter(loader)  # draws a seed from the global RNG: restore the saved state after it
+def _batches(loop: _Loop, saved: dict) -> Iterator:
+    """The training batches from the current step on, then the RNG restored. In memory, data order is addressed by
+    step (StepSampler); streamed (``task.sharded``), by the position the checkpoint ``saved``."""
+    fabric, tcfg, task, step0 = loop.fabric, loop.tcfg, loop.task, loop.state["step"]
+    rank, world = fabric.global_rank, fabric.world_size
+    if task.sharded:
+        loop.sampler = ShardSampler(len(task.train_set), tcfg.batch_size, tcfg.seed, rank, world)
+        if "data" in saved:
+            note = loop.sampler.load_state_dict(saved["data"])
+            if note:
+                fabric.print(f"{loop.desc}: {note}")
+        else:
+            loop.sampler.seek(step0 * tcfg.grad_accum)
+    else:
+        loop.sampler = StepSampler(len(task.train_set), tcfg.batch_size, tcfg.seed, rank, world,
+                                   start=step0 * tcfg.grad_accum)
+    loader = DataLoader(task.train_set, batch_sampler=loop.sampler, collate_fn=_identity,
+                        num_workers=task.num_workers, persistent_workers=task.num_workers > 0,
+                        pin_memory=fabric.device.type == "cuda")
+    batches = _taken(iter(loader), loop.sampler)  # iter draws a seed from the global RNG: restore the state after it
     if step0:
-        restore_rng(fabric, rank_rng, loop.state["rng"])
+        restore_rng(fabric, saved.get("rng_ranks"), loop.state["rng"])
     return batches
+
+
+def _taken(batches: Iterator, sampler: Sampler) -> Iterator:
+    """``batches``, moving a ShardSampler's position on as each one is handed to the loop."""
+    for batch in batches:
+        if isinstance(sampler, ShardSampler):
+            sampler.advance()
+        yield batch
 
 
 def _micro_steps(loop: _Loop, model, batches: Iterator, stop: _StopOnInterrupt, step: int):
@@ -312,13 +404,13 @@ def fit(fabric, task: Task, tcfg: TrainConfig, out_dir: Path, fresh: bool = Fals
     from tqdm.auto import tqdm
 
     loop = _set_up(fabric, task, tcfg, out_dir, desc)
-    state, rank_rng = loop.state, None
+    state, saved = loop.state, {}
     if loop.last.exists() and not fresh:
-        rank_rng, finished = _resume(loop)
+        saved, finished = _resume(loop)
         if finished:
             return dict(state["metrics"])
     model = torch.compile(loop.model) if tcfg.compile else loop.model
-    batches = _batches(loop, rank_rng)
+    batches = _batches(loop, saved)
     bar = tqdm(total=tcfg.max_steps, initial=state["step"], desc=desc, disable=fabric.global_rank != 0,
                dynamic_ncols=True, unit="step", file=sys.stderr)
     stop, saved_on_stop = _StopOnInterrupt(), False

@@ -20,6 +20,7 @@ from pipeline.images import grid_image
 from pipeline.io import UserError, atomic_save_png, load_checkpoint
 from pipeline.metrics.reconstruction import reconstruction_stats
 from pipeline.sources import has_labels
+from pipeline.streaming import StreamedTraining, load_stream_data, stream_listing
 from pipeline.training import Task, fit
 from pipeline.vqvae import VQVAE2, level_names
 from stages.cli import run_main, stage_parser
@@ -88,11 +89,15 @@ def run_stage1(cfg: Config, run: RunFolder, fresh: bool = False) -> dict[str, fl
         trained_for = config_from_dict(load_checkpoint(last)["meta"]["config"]).to_dict()  # keys added since: defaults
         changes = config_diff(trained_for, cfg.to_dict(), STAGE1_KEYS) + critic_changes(trained_for, cfg)
         check_resumable(last, changes, "config", "stage1")
-    if cfg.prior.class_conditional and has_labels(cfg.data) is False:
+    listed = stream_listing(cfg.data)  # every process lists the files; workers decode them while training
+    labelled = (listed.class_names is not None) if listed is not None else has_labels(cfg.data)
+    if cfg.prior.class_conditional and labelled is False:
         no_labels(cfg)
     fabric = make_fabric(cfg.fabric, loggers=make_loggers(run.stage1))
-    # rank 0 prepares and caches the images, then the other ranks read the cache
-    data = rank_zero_first(fabric, lambda: load_image_data(cfg.data, cache_dir=run.data_cache))
+    if listed is not None:
+        data = load_stream_data(cfg.data, listed)
+    else:  # rank 0 prepares and caches the images, then the other ranks read the cache
+        data = rank_zero_first(fabric, lambda: load_image_data(cfg.data, cache_dir=run.data_cache))
     if cfg.prior.class_conditional and not data.class_names:
         no_labels(cfg)
     on_rank_zero(fabric, lambda: save_config(cfg, run.config))
@@ -102,6 +107,9 @@ def run_stage1(cfg: Config, run: RunFolder, fresh: bool = False) -> dict[str, fl
         fabric.print(f"stage 1: {len(data.train)} train / {len(data.holdout)} held-out images "
                      f"({data.holdout_source}), {data.image_size}px x {data.channels}ch{classes}; run folder {run}")
     augmented = cfg.data.hflip or cfg.data.crop_scale < 1
+    streamed = listed is not None
+    train_set = StreamedTraining(data.train, cfg.data.hflip, cfg.data.crop_scale, cfg.stage1.seed) if streamed \
+        else data.train
     torch.manual_seed(cfg.stage1.seed)
     model = stage1_model(cfg)
     adversarial = isinstance(model, AdversarialVQVAE)
@@ -118,9 +126,9 @@ def run_stage1(cfg: Config, run: RunFolder, fresh: bool = False) -> dict[str, fl
     names = level_names(cfg.vqvae.levels)
 
     def training_step(fabric, model, batch, step):
-        pixels, _ = batch
-        x = to_float(pixels)
-        if augmented:  # training batches only: validation, code extraction and evaluation see the images as they are
+        images, _ = batch
+        x = images if streamed else to_float(images)  # streamed: floats, decoded and augmented by the loader's workers
+        if augmented and not streamed:  # training only: validation, codes and evaluation see the images as they are
             x = augment(x, cfg.data.hflip, cfg.data.crop_scale)
         if cfg.stage1.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -138,8 +146,8 @@ def run_stage1(cfg: Config, run: RunFolder, fresh: bool = False) -> dict[str, fl
             save_reconstructions(fabric, run.stage1_grid, model, data.holdout, cfg.stage1.grid_images, step)
         return metrics
 
-    task = Task(model=model, train_set=data.train, training_step=training_step, validate=validate,
-                best_metric="mse", units="img", num_workers=cfg.data.num_workers,
+    task = Task(model=model, train_set=train_set, training_step=training_step, validate=validate,
+                best_metric="mse", units="img", num_workers=cfg.data.num_workers, sharded=streamed,
                 progress_keys=tuple(f"usage_{n}" for n in names) + (("adv_weight",) if adversarial else ()),
                 meta={"config": cfg.to_dict(), "num_classes": data.num_classes, "class_names": data.class_names,
                       "stage": "stage1"})

@@ -58,7 +58,7 @@ def prior_task(cfg: Config, spec: dict, level: int, name: str, train: CodeSet, h
 
     return Task(model=prior_from_spec(spec), train_set=train, training_step=training_step, validate=validate,
                 best_metric="nll_bits", units="tok", count_units=lambda b: b[0][level].numel(),
-                progress_keys=("bits_per_code",), log_prefix=f"{name}/",
+                progress_keys=("bits_per_code",), log_prefix=f"{name}/", num_workers=cfg.data.num_workers,
                 meta={"config": cfg.to_dict(), "prior": spec, "level": name, "level_index": level,
                       "stage1_sha256": stage1_sha256, "class_names": class_names, "stage": "stage2"})
 

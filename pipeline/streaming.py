@@ -1,0 +1,129 @@
+"""Stage-1 training images streamed from an image folder, for image sets too large to decode before training.
+
+Before training only the file list is read (:func:`pipeline.sources.list_folder`: cheap, sorted, the folder's
+class and split conventions) and split into train and held-out files exactly as decoding up front splits images
+(:func:`pipeline.data.split_indices`). DataLoader workers then decode and fit each batch
+(:func:`pipeline.decode.load_image_file`, as decoding up front does) and augment it; every process reads only its
+own shard of the files (:class:`pipeline.training.ShardSampler`). Start-up time and memory do not grow with the
+number of images. The held-out images are read from their files whenever validation asks for them.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import ImageColor
+from torch.utils.data import Dataset
+
+from pipeline.config import DataConfig
+from pipeline.data import IN_MEMORY_BYTES, ImageData, augment, split_indices, to_float
+from pipeline.decode import load_image_file
+from pipeline.io import UserError
+from pipeline.sources import UNREADABLE, FolderFiles, Prepared, list_folder, unreadable_reason
+
+
+def stream_listing(cfg: DataConfig) -> FolderFiles | None:
+    """The folder's listing when stage 1 streams it (data.streaming=always, or auto and its decoded pixels would reach
+    IN_MEMORY_BYTES, the size above which even decoded-up-front images are no longer held in memory), else None."""
+    if cfg.streaming == "never" or cfg.source != "folder":  # always with another source is refused by the config
+        return None
+    listed = list_folder(cfg)
+    n = sum(len(f) for f in listed.files.values())
+    n = min(n, cfg.max_images) if cfg.max_images else n
+    return listed if cfg.streaming == "always" or n * cfg.channels * cfg.image_size**2 >= IN_MEMORY_BYTES else None
+
+
+def load_stream_data(cfg: DataConfig, listed: FolderFiles) -> ImageData:
+    """Train and held-out image files of a listed folder, decoded only when read: the folder's own held-out split
+    or the seeded carve-out, the same files decoding up front would pick (but for unreadable files, which decoding
+    up front drops before splitting)."""
+    own = listed.holdout_name
+    files, labels = listed.files["train"], listed.labels["train"]
+    train_idx, hold_idx, how = split_indices(len(files), len(listed.files[own]) if own else None, own, cfg)
+    hold_files, hold_labels = (listed.files[own], listed.labels[own]) if own else (files, labels)
+    train = FileImages([files[i] for i in train_idx], labels[train_idx], cfg)
+    holdout = FileImages([hold_files[i] for i in hold_idx], hold_labels[hold_idx], cfg)
+    info = {**Prepared({}, listed.class_names, own).info(), "signature": "", "cached": False}
+    names = listed.class_names
+    return ImageData(train, holdout, len(names or []), names, cfg.channels, cfg.image_size,  # type: ignore[arg-type]
+                     f"{how}; streamed from the files", info)
+
+
+class UnreadableImage(UserError):
+    """An unreadable image with data.on_corrupt=error, raised in a DataLoader worker. The loader raises it again in
+    the training process as ``UnreadableImage("Caught ... in DataLoader worker ... Original Traceback ...
+    UnreadableImage: <message>")``; only the message is kept, so the user still sees one line."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message.rstrip().rsplit(f"{type(self).__name__}: ", 1)[-1])
+
+
+class FileImages(Dataset):
+    """(uint8 pixels (C, S, S), label) of image files decoded on access, as :class:`pipeline.data.ImageSet` gives
+    them from memory (the same ``__getitems__``, ``labels`` and ``all_pixels``). An unreadable file is replaced by
+    the next readable one (data.on_corrupt=skip, with a warning) or stops training (error). The paths are one numpy
+    byte array, not a list of strings: forked workers then share its pages instead of copying them as reference
+    counts change (https://github.com/pytorch/pytorch/issues/13246)."""
+
+    def __init__(self, files: list[Path], labels: np.ndarray, cfg: DataConfig) -> None:
+        self.paths = np.array([os.fsencode(p) for p in files], dtype=np.bytes_)
+        self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+        self.size, self.channels, self.on_corrupt = cfg.image_size, cfg.channels, cfg.on_corrupt
+        self.background = ImageColor.getrgb(cfg.background)[:3]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def read(self, index: int) -> tuple[np.ndarray, int]:
+        """The pixels of file ``index``, or of the first readable file after it; and which file was read."""
+        for tried in range(len(self)):
+            j = (index + tried) % len(self)
+            path = os.fsdecode(self.paths[j])
+            try:
+                return load_image_file(path, self.size, self.channels, self.background), j
+            except UNREADABLE as err:
+                if self.on_corrupt == "error":
+                    raise UnreadableImage(f"cannot read image {path}: {unreadable_reason(err)}; fix or remove it, "
+                                          "or set data.on_corrupt=skip") from None
+                warnings.warn(f"skipped unreadable image {path}: {unreadable_reason(err)} (data.on_corrupt=skip); "
+                              "the next readable file is used in its place", stacklevel=2)
+        raise UserError(f"none of the {len(self)} image files can be read; check data.path")
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels, read = zip(*(self.read(int(i)) for i in indices))
+        return torch.from_numpy(np.stack(pixels)), self.labels[list(read)]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels, labels = self.__getitems__([index])
+        return pixels[0], labels[0]
+
+    def all_pixels(self, limit: int | None = None) -> torch.Tensor:
+        n = len(self) if limit is None else min(limit, len(self))
+        return self.__getitems__(list(range(n)))[0]
+
+
+class StreamedTraining(Dataset):
+    """The training side of streamed files: ``__getitems__`` takes a :class:`pipeline.training.ShardSampler` batch
+    of ``(index, epoch)`` pairs and returns (float images in [-1, 1], augmented; labels), ready for the model, made
+    in a DataLoader worker. A batch's augmentation is drawn from a generator seeded by (seed, epoch, its first
+    index), not by the worker's RNG: the same whichever worker makes it, and a resumed run draws what the
+    uninterrupted one did."""
+
+    def __init__(self, images: FileImages, hflip: bool, crop_scale: float, seed: int) -> None:
+        self.images, self.hflip, self.crop_scale, self.seed = images, hflip, crop_scale, seed
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitems__(self, picks: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels, labels = self.images.__getitems__([index for index, _ in picks])
+        x = to_float(pixels)  # (N, C, S, S)
+        if self.hflip or self.crop_scale < 1:
+            first, epoch = picks[0]
+            seed = int(np.random.SeedSequence([self.seed, epoch, first]).generate_state(1)[0])
+            x = augment(x, self.hflip, self.crop_scale, generator=torch.Generator().manual_seed(seed))
+        return x, labels
