@@ -20,12 +20,15 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.codes import CodeSet, extract_codes
 from pipeline.config import FabricConfig
+from pipeline.data import load_image_data
 from pipeline.distributed import on_rank_zero, rank_zero_first
 from pipeline.fabric import make_fabric
 from pipeline.io import UserError, load_checkpoint
 from pipeline.training import StepSampler
 from stages import evaluate, sample, stage1
+from stages.runfolder import RunFolder, load_vqvae
 from tests.conftest import SMOKE, assert_same_images, copy_run, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -311,10 +314,18 @@ def test_checkpoint_of_two_processes_resumes_in_one(resume_chain, capsys):
     assert leftovers(run_dir) == []
 
 
+EXTRACT = ["extract.batch_size=16", "extract.shard_size=100"]  # several batches and shard files on each rank
+
+
+@pytest.fixture(scope="module")
+def stage2_two_processes(smoke_run, tmp_path_factory):
+    run_dir = copy_run(smoke_run, tmp_path_factory.mktemp("stage2x2") / "run", parts=("config.yaml", "stage1"))
+    return run_dir, torchrun_stage("stage2", run_dir, "stage2.max_steps=10", *EXTRACT)
+
+
 @pytest.mark.slow
-def test_stage2_with_two_processes(smoke_run, tmp_path):
-    run_dir = copy_run(smoke_run, tmp_path / "run", parts=("config.yaml", "stage1"))
-    proc = torchrun_stage("stage2", run_dir, "stage2.max_steps=10")
+def test_stage2_with_two_processes(stage2_two_processes):
+    run_dir, proc = stage2_two_processes
     assert proc.returncode == 0
     assert proc.stdout.count("stage 2 done: top prior") == 1 and proc.stdout.count("stage 2 done: bottom prior") == 1
     manifest = json.loads((run_dir / "codes" / "manifest.json").read_text())
@@ -326,6 +337,39 @@ def test_stage2_with_two_processes(smoke_run, tmp_path):
     assert set(summary["levels"]) == {"top", "bottom"}
     assert [f for f in files(run_dir / "stage2") if "logs" in f] == ["logs/version_0/metrics.csv"]
     assert leftovers(run_dir) == []
+
+
+@pytest.mark.slow
+def test_every_rank_extracts_its_own_codes_and_they_equal_one_process(stage2_two_processes, tmp_path):
+    """Each rank writes the shards of its contiguous range; the manifest lists them in dataset order, so the codes
+    and labels read back equal a 1-process extraction's. Compared exactly: both extract the same batches of 16
+    (rank ranges start at batch boundaries) with 1 thread on this CPU, so the arithmetic, and every argmin tie,
+    is the same; a shard list out of order or a missing range would fail."""
+    run_dir, proc = stage2_two_processes
+    assert proc.returncode == 0 and "written by 2 processes" in proc.stdout
+    folder = run_dir / "codes"
+    two = json.loads((folder / "manifest.json").read_text())
+    vqvae, cfg1, stage1_path = load_vqvae(RunFolder(run_dir))
+    data = load_image_data(cfg1.data, cache_dir=RunFolder(run_dir).data_cache)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = extract_codes(vqvae, stage1_path, data.train, data.holdout, tmp_path / "one", data.class_names,
+                            ["top", "bottom"], cfg1.data.image_size, batch_size=16, shard_size=100, log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert two["stage1_sha256"] == one["stage1_sha256"]
+    for split, images in (("train", data.train), ("holdout", data.holdout)):
+        shards = two["splits"][split]["shards"]
+        assert {s["rank"] for s in shards} == {0, 1}  # both ranks wrote files of this split
+        assert [s["start"] for s in shards] == np.cumsum([0] + [s["n"] for s in shards])[:-1].tolist()
+        assert sum(s["n"] for s in shards) == two["splits"][split]["n"] == len(images)  # every image once
+        assert all((folder / s[k]).is_file() for s in shards for k in ("top", "bottom", "labels"))
+        idx = list(range(len(images)))
+        codes2, labels2 = CodeSet(folder, split, two).__getitems__(idx)
+        codes1, labels1 = CodeSet(tmp_path / "one", split, one).__getitems__(idx)
+        assert torch.equal(labels2, labels1) and torch.equal(labels2, images.labels)
+        assert all(torch.equal(a, b) for a, b in zip(codes2, codes1))
 
 
 # ---------------------------------------------------------------------------------------------------------
