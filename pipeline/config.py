@@ -56,6 +56,7 @@ class FabricConfig:
     strategy: str = "auto"  # auto | ddp | ddp_spawn | fsdp
     precision: str = "bf16-mixed"  # 32-true | bf16-mixed | 16-mixed | bf16-true
     threads: int = 0  # torch intra-op threads per process; 0 = torch's default
+    activation_checkpointing: bool = False  # fsdp: recompute each prior block's activations in backward (less memory)
 
 
 @dataclass
@@ -539,6 +540,8 @@ def validate(cfg: Config) -> None:
     _check(f.threads >= 0, "fabric.threads", f.threads, "must be >= 0 (0 = torch's default)")
     _check(not (f.strategy == "fsdp" and f.accelerator == "mps"), "fabric.strategy", f.strategy,
            "FSDP does not run on MPS (fabric.accelerator=mps); use fabric.strategy=auto")
+    _check(f.strategy == "fsdp" or not f.activation_checkpointing, "fabric.activation_checkpointing",
+           f.activation_checkpointing, "needs fabric.strategy=fsdp")
 
     _check(1 <= v.levels <= 4, "vqvae.levels", v.levels, "must be 1 to 4")
     _check(v.channels >= 8, "vqvae.channels", v.channels, "must be >= 8")

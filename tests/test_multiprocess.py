@@ -458,6 +458,23 @@ def test_fsdp_stage2_then_sampling_in_one_process(fsdp_and_ddp, tmp_path, capsys
 
 
 @pytest.mark.slow
+def test_fsdp_shards_a_prior_block_by_block_and_holds_half_its_parameters(tmp_path):
+    """DDP holds every parameter on every rank; FSDP over 2 ranks holds half, and with one unit per transformer
+    block a rank gathers one block at a time, not the whole model (a single unit would gather all of it)."""
+    out = tmp_path / "fsdp.json"
+    proc = run_cmd(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "bench.fsdp_worker",
+                    str(out), "fsdp", "prior.bottom.n_layer=4", "fabric.activation_checkpointing=true"])
+    assert proc.returncode == 0
+    ranks = json.loads(out.read_text())
+    for r in ranks:
+        assert r["local_bytes"] <= 0.6 * r["model_bytes"]  # DDP's per-rank bytes are model_bytes
+        assert len(r["units"]) == 4 + 1  # the 4 blocks and the root (embeddings, final norm, head)
+        assert max(r["units"]) * 4 <= 0.3 * r["model_bytes"]  # float32: the largest unit is a fraction
+        assert r["checkpointed"] == 4 and np.isfinite(r["loss"])  # each block's activations recomputed
+    assert sum(r["local_bytes"] for r in ranks) >= ranks[0]["model_bytes"]  # the shards hold every parameter
+
+
+@pytest.mark.slow
 def test_stage2_failure_on_rank_zero_stops_both_ranks_with_its_message(smoke_run, tmp_path):
     """Rank 0 extracts the codes alone; when that fails, rank 1 must stop with rank 0's reason, not wait for it or
     die in a gloo collective."""
