@@ -41,7 +41,7 @@ def make_fabric(cfg: FabricConfig, loggers: list | None = None, launch: bool = T
         from pipeline.priors import block_classes
 
         blocks = block_classes()  # one FSDP unit per block: a rank holds its shards plus one gathered block
-        strategy = FullStateFSDP(auto_wrap_policy=blocks,
+        strategy = FullStateFSDP(state_dict_type=cfg.fsdp_checkpoint, auto_wrap_policy=blocks,
                                  activation_checkpointing_policy=blocks if cfg.activation_checkpointing else None)
     fabric = Fabric(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=strategy,
                     precision=cfg.precision, loggers=loggers or [])

@@ -60,10 +60,11 @@ def _full_state_dict_on_cpu(module, world_size: int, rank0_only: bool = True):
 
 
 class FullStateFSDP(FSDPStrategy):
-    """``FSDPStrategy(state_dict_type="full")`` that also works when the processes run on CPU."""
+    """``FSDPStrategy`` with full state dicts by default (``state_dict_type="sharded"``: each rank saves its shard,
+    see ``pipeline.checkpoint``) that also works when the processes run on CPU."""
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(state_dict_type="full", **kwargs)
+    def __init__(self, state_dict_type: str = "full", **kwargs: Any) -> None:
+        super().__init__(state_dict_type=state_dict_type, **kwargs)
 
     @property
     def _on_cpu(self) -> bool:
@@ -115,6 +116,17 @@ class FullStateFSDP(FSDPStrategy):
         with self._cpu_state_dicts():
             return super().save_checkpoint(*args, **kwargs)
 
-    def load_checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+    def load_checkpoint(self, path: Any, state: Any = None, **kwargs: Any) -> Any:
+        """Fabric's load; from a sharded checkpoint, objects with a state dict (the LR scheduler) get it loaded:
+        Fabric 2.6 puts the saved state dict in their place in ``state`` instead, and the scheduler restarts."""
+        from torch.optim import Optimizer
+
+        stateful = {k: v for k, v in state.items() if hasattr(v, "load_state_dict")
+                    and not isinstance(v, (torch.nn.Module, Optimizer))} if isinstance(state, dict) else {}
         with self._cpu_state_dicts():
-            return super().load_checkpoint(*args, **kwargs)
+            rest = super().load_checkpoint(path, state, **kwargs)
+        for key, obj in stateful.items():
+            if state[key] is not obj:
+                obj.load_state_dict(state[key])
+                state[key] = obj
+        return rest

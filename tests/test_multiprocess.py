@@ -475,6 +475,33 @@ def test_fsdp_shards_a_prior_block_by_block_and_holds_half_its_parameters(tmp_pa
 
 
 @pytest.mark.slow
+def test_fsdp_sharded_checkpoints_resume_bit_exact_and_become_one_file(tmp_path, capsys):
+    """fabric.fsdp_checkpoint=sharded: each rank writes its shard (no rank gathers the model), a 2-process resume
+    reads the shards and ends bit-exact with the straight run, and training ends with the single file every stage
+    loads (plain parameter names, optimizer state by name); one process resumes a stopped run from the shards."""
+    out = tmp_path / "resume.json"
+    proc = run_cmd(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                    "tests.mp_resume_helper", str(tmp_path / "run"), str(out), "sharded"])
+    assert proc.returncode == 0
+    result = json.loads(out.read_text())
+    assert result["stopped_at"] == 3 and result["steps"] == [8, 8] and result["equal"]
+    assert result["shards"] == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]  # one shard per rank
+    assert not result["file_when_stopped"]  # the stop saved shards only
+    assert proc.stdout.count(f"resuming from {tmp_path / 'run' / 'stopped' / 'last.dcp'} at step 3") == 1
+    assert result["model_keys"] == ["bias", "weight"] and result["optimizer_groups"] == [["weight"], ["bias"]]
+
+    from pipeline.training import fit
+    from tests.mp_resume_helper import task, train_config
+
+    stopped = tmp_path / "run" / "interrupted"
+    assert not (stopped / "last.ckpt").exists()
+    fit(make_fabric(FabricConfig(devices=1, precision="32-true", threads=1)), task(), train_config(), stopped)
+    assert f"resuming from {stopped / 'last.ckpt'} at step 3" in capsys.readouterr().out  # converted first
+    ckpt = load_checkpoint(stopped / "last.ckpt")
+    assert ckpt["step"] == 8 and torch.isfinite(ckpt["model"]["weight"]).all()
+
+
+@pytest.mark.slow
 def test_stage2_failure_on_rank_zero_stops_both_ranks_with_its_message(smoke_run, tmp_path):
     """Rank 0 extracts the codes alone; when that fails, rank 1 must stop with rank 0's reason, not wait for it or
     die in a gloo collective."""
