@@ -104,18 +104,21 @@ def resume_point(path: Path, prefer_sharded: bool = False) -> Path | None:
         return path if path.is_file() else None
     if not path.is_file():
         return folder
-    sharded_step, file_step = sharded_meta(folder)["step"], _step(path)
+    sharded_step, file_step = sharded_meta(folder)["step"], saved_state(path)["step"]
     return folder if sharded_step > file_step or (prefer_sharded and sharded_step == file_step) else path
 
 
-def _step(path: Path) -> int:
-    """The step of a single-file checkpoint, read without loading its tensors (memory-mapped)."""
+def saved_state(path: Path) -> dict[str, Any]:
+    """What checkpoint ``path`` (a file, or a sharded folder) holds, for a look at its step, meta and settings
+    before resuming: the tensors of a file are memory-mapped, not read, so every rank can afford it."""
+    if Path(path).is_dir():
+        return sharded_meta(path)
     try:
-        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
-    except Exception:  # noqa: BLE001 - a damaged file: the full loader reports it in one line
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - a damaged or unsafe file: the full loader says so in one line
         from pipeline.io import load_checkpoint
 
-        return int(load_checkpoint(path)["step"])
+        return load_checkpoint(path)
 
 
 def convert_sharded(folder: Path, path: Path) -> Path:

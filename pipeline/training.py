@@ -37,13 +37,13 @@ from pipeline.checkpoint import (
     resume_point,
     rng_state,
     save_checkpoint,
+    saved_state,
     saves_sharded,
-    sharded_meta,
     sharded_path,
 )
 from pipeline.config import TrainConfig
 from pipeline.distributed import on_rank_zero
-from pipeline.io import UserError, load_checkpoint
+from pipeline.io import UserError
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -211,8 +211,7 @@ def _resume(loop: _Loop, source: Path) -> tuple[dict | None, bool]:
     if source.is_dir() and not loop.fsdp:
         on_rank_zero(fabric, lambda: convert_sharded(source, loop.last))
         source = loop.last
-    # a corrupt or unsafe file: one line, before Fabric's own loader sees it
-    saved = sharded_meta(source) if source.is_dir() else load_checkpoint(source)
+    saved = saved_state(source)  # a corrupt or unsafe file: one line, before Fabric's own loader sees it
     if "seconds" not in saved:  # written before training time was kept
         state.pop("seconds")
     rest = fabric.load(source, state, weights_only=True)  # what is not in ``state``: per-rank RNG, settings

@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from pipeline.checkpoint import LAST_CKPT
+from pipeline.checkpoint import LAST_CKPT, resume_point, saved_state
 from pipeline.codes import CodeSet, extract_codes
 from pipeline.config import Config, config_diff
 from pipeline.data import load_image_data
@@ -86,8 +86,9 @@ def run_stage2(cfg: Config, run: RunFolder, fresh: bool = False) -> dict:
         net = cfg.prior.top if level == 0 else cfg.prior.bottom
         spec = prior_spec(net, grids[level], k, num_classes, grids[level - 1] if level else None, k if level else 0)
         last = run.prior(name) / LAST_CKPT
-        if last.exists() and not fresh:
-            meta = load_checkpoint(last)["meta"]
+        point = resume_point(last, prefer_sharded=cfg.fabric.strategy == "fsdp")
+        if point is not None and not fresh:
+            meta = saved_state(point)["meta"]
             check_resumable(last, [f"stage-1 sha256 {meta.get('stage1_sha256', '?')[:12]} -> {sha[:12]}"]
                             if meta.get("stage1_sha256") != sha else [], "stage-1 model", "stage2")
             trained = normalize_spec(meta["prior"]) if meta.get("prior") else {}
