@@ -194,6 +194,78 @@ def test_rank_zero_first_runs_on_rank_zero_then_the_others():
     assert order == [0, 1, 2]
 
 
+class ThreadRanks:
+    """The collectives ``on_every_rank`` uses (all_gather, broadcast), for ranks run as threads of this process."""
+
+    def __init__(self, world: int) -> None:
+        import threading
+
+        self.world, self.slots, self.barrier = world, [None] * world, threading.Barrier(world)
+
+    def rank(self, r: int):
+        ranks = self
+
+        class Rank:
+            global_rank, world_size = r, ranks.world
+
+            def to_device(self, t):
+                return t
+
+            def _exchange(self, value):
+                ranks.slots[r] = value
+                ranks.barrier.wait()
+                out = list(ranks.slots)
+                ranks.barrier.wait()
+                return out
+
+            def all_gather(self, t):
+                return torch.stack(self._exchange(t))
+
+            def broadcast(self, obj, src=0):
+                return self._exchange(obj)[src]
+
+        return Rank()
+
+
+def test_a_failure_on_any_rank_is_raised_on_every_rank():
+    """Each rank extracts its own codes (``on_every_rank``): when rank 1 fails, rank 0 must stop with its reason,
+    not wait for it at the next collective."""
+    import threading
+
+    from pipeline.distributed import on_every_rank
+
+    ranks, results = ThreadRanks(2), {}
+    error = OSError(28, "No space left on device")
+
+    def fn(r):
+        if r == 1:
+            raise error
+        return "done"
+
+    def run_rank(r):
+        try:
+            results[r] = on_every_rank(ranks.rank(r), lambda: fn(r))
+        except Exception as err:  # noqa: BLE001 - recorded for the assertions
+            results[r] = err
+
+    threads = [threading.Thread(target=run_rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert results[1] is error  # the failed rank: its own exception
+    assert isinstance(results[0], UserError)
+    assert str(results[0]) == "rank 1 failed: OSError: [Errno 28] No space left on device"
+    ranks = ThreadRanks(2)  # no failure: every rank gets its own result
+    threads = [threading.Thread(target=lambda r=r: results.__setitem__(r, on_every_rank(ranks.rank(r), lambda: r)))
+               for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert results == {0: 0, 1: 1}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # torchrun: both ranks observed
 
