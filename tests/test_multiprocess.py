@@ -575,8 +575,8 @@ def test_fsdp_sharded_checkpoints_resume_bit_exact_and_become_one_file(tmp_path,
 
 @pytest.mark.slow
 def test_stage2_failure_on_rank_zero_stops_both_ranks_with_its_message(smoke_run, tmp_path):
-    """Rank 0 extracts the codes alone; when that fails, rank 1 must stop with rank 0's reason, not wait for it or
-    die in a gloo collective."""
+    """Rank 0 decides on reuse and prepares the codes folder; when that fails, rank 1 must stop with rank 0's
+    reason, not wait for it or die in a gloo collective."""
     run_dir = copy_run(smoke_run, tmp_path / "run", parts=("config.yaml", "stage1"))
     (run_dir / "codes").write_text("a file where the codes folder goes")
     proc = torchrun_stage("stage2", run_dir, "stage2.max_steps=2")
