@@ -182,6 +182,10 @@ def _set_up(fabric, task: Task, tcfg: TrainConfig, out_dir: Path, desc: str) -> 
     model = task.model
     if tcfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+        if saves_sharded(fabric) and any(not p.is_contiguous() for p in model.parameters()):
+            raise UserError(f"{desc}: parameters in the channels_last memory format cannot be saved as sharded FSDP "
+                            "checkpoints (torch's sharded tensors need contiguous ones); set channels_last=false in "
+                            "this stage's section (e.g. stage1.channels_last=false) or fabric.fsdp_checkpoint=full")
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:

@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ from torch.utils.data import TensorDataset
 from pipeline.checkpoint import sharded_meta, sharded_path
 from pipeline.config import FabricConfig, TrainConfig
 from pipeline.fabric import close_distributed, make_fabric
-from pipeline.io import load_checkpoint
+from pipeline.io import UserError, load_checkpoint
 from pipeline.training import Task, fit
 
 
@@ -70,11 +71,17 @@ def main() -> None:
     stopped_file = last.exists()
     torch.manual_seed(1234 + fabric.global_rank)  # whatever a new process would start from
     fit(fabric, task(), tcfg, run / "stopped")
+    channels_last = ""
     if sharded:
         try:
             fit(fabric, task(ctrl_c_at=2), tcfg, run / "interrupted")
         except KeyboardInterrupt:
             pass
+        conv = Task(model=nn.Conv2d(2, 2, 3), train_set=task().train_set, training_step=task().training_step)
+        try:
+            fit(fabric, conv, replace(tcfg, channels_last=True), run / "conv", desc="conv")
+        except UserError as err:
+            channels_last = str(err)
     if fabric.global_rank == 0:
         a = load_checkpoint(run / "straight" / "last.ckpt")
         b = load_checkpoint(run / "stopped" / "last.ckpt")
@@ -83,7 +90,7 @@ def main() -> None:
             "equal": all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]),
             "rng_ranks": list(b.get("rng_ranks", {}).get("torch", torch.empty(0)).shape),
             "shards": shards, "file_when_stopped": stopped_file, "model_keys": sorted(b["model"]),
-            "optimizer_groups": [g["params"] for g in b["optimizer"]["param_groups"]]}))
+            "optimizer_groups": [g["params"] for g in b["optimizer"]["param_groups"]], "channels_last": channels_last}))
     close_distributed()
 
 

@@ -561,6 +561,9 @@ def test_fsdp_sharded_checkpoints_resume_bit_exact_and_become_one_file(tmp_path,
     assert not result["file_when_stopped"]  # the stop saved shards only
     assert proc.stdout.count(f"resuming from {tmp_path / 'run' / 'stopped' / 'last.dcp'} at step 3") == 1
     assert result["model_keys"] == ["bias", "weight"] and result["optimizer_groups"] == [["weight"], ["bias"]]
+    # torch's sharded tensors need contiguous parameters: channels_last is refused before training, in one line
+    assert result["channels_last"].startswith("conv: parameters in the channels_last memory format cannot be saved")
+    assert "channels_last=false" in result["channels_last"] and "fabric.fsdp_checkpoint=full" in result["channels_last"]
 
     from pipeline.training import fit
     from tests.mp_resume_helper import task, train_config
