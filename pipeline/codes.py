@@ -6,6 +6,9 @@ Layout of ``RUN/codes/``::
     {split}-{level}-{shard:05d}.npy   (n, h, w) int16/int32 code grids, memory-mapped on load
     {split}-labels-{shard:05d}.npy    (n,) int64 labels (-1 where the data has none)
 
+Shards are numbered in dataset order; with several processes each rank writes the shards of its own contiguous
+range of images (``extraction_plan``; the manifest records each shard's ``rank`` and ``start``).
+
 The extraction is reused while the stage-1 checkpoint's bytes are unchanged (sha256 in the manifest) and
 redone when it changes. Shards keep datasets far larger than RAM workable: nothing is loaded whole.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from pipeline.data import ImageSet, to_float
+from pipeline.distributed import ONE_PROCESS, on_every_rank, rank_zero_result
 from pipeline.io import UserError, atomic_save_npy, atomic_write_text
 
 
@@ -73,57 +78,126 @@ class CodeSet(Dataset):
         return [c[0] for c in codes], labels[0]
 
 
+def extraction_plan(n: int, world: int, batch_size: int, shard_size: int) -> list[dict]:
+    """The shard files of one split of ``n`` images, in dataset order: ``{"rank", "start", "n"}`` each.
+
+    Rank r encodes one contiguous range of whole batches (the batches a single process would make), split into
+    files of at most ``shard_size`` grids. Contiguous ranges keep the shard list in dataset order, so the CodeSet
+    index of an image (and its label) does not depend on the process count; whole batches give every rank the
+    arithmetic of a 1-process extraction (the nearest-code argmin sees the same batch shapes, so no tie flips)."""
+    batches = -(-n // batch_size)
+    plan = []
+    for rank in range(world):
+        lo = min(n, batches * rank // world * batch_size)
+        hi = min(n, batches * (rank + 1) // world * batch_size)
+        plan += [{"rank": rank, "start": s, "n": min(shard_size, hi - s)} for s in range(lo, hi, shard_size)]
+    return plan
+
+
+def _shard_names(split: str, index: int, level_names: list[str]) -> dict[str, str]:
+    names = {name: f"{split}-{name}-{index:05d}.npy" for name in level_names}
+    return {**names, "labels": f"{split}-labels-{index:05d}.npy"}
+
+
 @torch.no_grad()
-def _encode_split(model, images: ImageSet, batch_size: int, device) -> tuple[list[np.ndarray], np.ndarray]:
+def _encode_range(model, images: ImageSet, start: int, stop: int, batch_size: int, device, dtype,
+                  progress: bool) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
+    """(codes per level, labels) of images ``start .. stop``, batch by batch (``start`` is a batch boundary)."""
     from tqdm.auto import tqdm
 
-    out: list[list[np.ndarray]] = [[] for _ in range(model.levels)]
-    for start in tqdm(range(0, len(images), batch_size), desc="extracting codes", leave=False):
-        pixels, _ = images.__getitems__(list(range(start, min(start + batch_size, len(images)))))
-        for level, codes in enumerate(model.encode(to_float(pixels.to(device)))):
-            out[level].append(codes.cpu().numpy())
-    return [np.concatenate(o) for o in out], images.labels.numpy()
+    for lo in tqdm(range(start, stop, batch_size), desc="extracting codes", leave=False, disable=not progress):
+        pixels, labels = images.__getitems__(list(range(lo, min(lo + batch_size, stop))))
+        codes = model.encode(to_float(pixels.to(device)))
+        yield [c.cpu().numpy().astype(dtype) for c in codes], labels.numpy()
 
 
-def extract_codes(model, stage1_ckpt: Path, train: ImageSet, holdout: ImageSet, folder: Path,
-                  class_names: list[str] | None, level_names: list[str], image_size: int, batch_size: int = 256,
-                  shard_size: int = 100_000, device="cpu", log=print) -> dict:
-    """Encode both splits (or reuse an extraction made with the same stage-1 checkpoint); returns the manifest."""
-    folder = Path(folder)
+def _regroup(blocks: Iterator[tuple[list[np.ndarray], np.ndarray]],
+             sizes: list[int]) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
+    """The rows of consecutive ``blocks`` regrouped into consecutive groups of ``sizes`` rows (batches -> files)."""
+    held: list[tuple[list[np.ndarray], np.ndarray]] = []
+    for size in sizes:
+        while sum(len(b[1]) for b in held) < size:
+            held.append(next(blocks))
+        codes = [np.concatenate(level) for level in zip(*(b[0] for b in held))]
+        labels = np.concatenate([b[1] for b in held])
+        rest = ([c[size:] for c in codes], labels[size:])
+        held = [rest] if len(rest[1]) else []
+        yield [c[:size] for c in codes], labels[:size]
+
+
+def _extract_mine(model, splits: dict[str, ImageSet], folder: Path, level_names: list[str], rank: int, world: int,
+                  batch_size: int, shard_size: int, device, dtype) -> None:
+    """Encode and write this rank's shard files of every split (``extraction_plan``)."""
+    for split, images in splits.items():
+        plan = extraction_plan(len(images), world, batch_size, shard_size)
+        mine = [(i, s) for i, s in enumerate(plan) if s["rank"] == rank]
+        if not mine:
+            continue
+        stop = mine[-1][1]["start"] + mine[-1][1]["n"]
+        blocks = _encode_range(model, images, mine[0][1]["start"], stop, batch_size, device, dtype, rank == 0)
+        for (index, _), (codes, labels) in zip(mine, _regroup(blocks, [s["n"] for _, s in mine])):
+            names = _shard_names(split, index, level_names)
+            for name, level_codes in zip(level_names, codes):
+                atomic_save_npy(folder / names[name], level_codes)
+            atomic_save_npy(folder / names["labels"], labels.astype(np.int64))
+
+
+def _reusable_or_prepare(folder: Path, sha: str, log) -> dict | None:
+    """The earlier extraction's manifest when it was made with this stage-1 checkpoint; else None, with the stale
+    manifest and shard files removed first (a half-written extraction must never pass for a complete one)."""
     manifest_path = folder / "manifest.json"
-    sha = file_sha256(stage1_ckpt)
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
         if manifest.get("stage1_sha256") == sha:
             log(f"codes: reusing {folder} (stage-1 checkpoint unchanged)")
             return manifest
         log(f"codes: stage-1 checkpoint changed since the last extraction; extracting again into {folder}")
+        manifest_path.unlink()
+        for stale in folder.glob("*-*-[0-9][0-9][0-9][0-9][0-9].npy"):
+            stale.unlink()
     folder.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def extract_codes(model, stage1_ckpt: Path, train: ImageSet, holdout: ImageSet, folder: Path,
+                  class_names: list[str] | None, level_names: list[str], image_size: int, batch_size: int = 256,
+                  shard_size: int = 100_000, device="cpu", log=print, fabric=ONE_PROCESS) -> dict:
+    """Encode both splits (or reuse an extraction made with the same stage-1 checkpoint); returns the manifest.
+
+    With several processes (``fabric``) every rank encodes and writes its own part of each split
+    (``extraction_plan``); rank 0 decides on reuse, and writes ``manifest.json`` once every rank's files exist.
+    A failure on any rank stops every rank with its reason."""
+    folder = Path(folder)
+    sha = file_sha256(stage1_ckpt)
+    reused = rank_zero_result(fabric, lambda: _reusable_or_prepare(folder, sha, log))
+    if reused is not None:
+        return reused
     k = model.cfg.codebook_size
     dtype = np.int16 if k <= np.iinfo(np.int16).max else np.int32
-    manifest = {
-        "stage1_checkpoint": str(stage1_ckpt), "stage1_sha256": sha, "levels": level_names,
-        "grids": [list(g) for g in model.grid_shapes(image_size)], "num_codes": k,
-        "num_classes": len(class_names or []), "class_names": class_names, "splits": {},
-    }
-    for split, images in (("train", train), ("holdout", holdout)):
-        codes, labels = _encode_split(model, images, batch_size, device)
-        shards = []
-        for i, start in enumerate(range(0, len(labels), shard_size)):
-            entry = {"n": int(min(shard_size, len(labels) - start))}
-            for name, level_codes in zip(level_names, codes):
-                entry[name] = f"{split}-{name}-{i:05d}.npy"
-                atomic_save_npy(folder / entry[name], level_codes[start : start + shard_size].astype(dtype))
-            entry["labels"] = f"{split}-labels-{i:05d}.npy"
-            atomic_save_npy(folder / entry["labels"], labels[start : start + shard_size].astype(np.int64))
-            shards.append(entry)
-        manifest["splits"][split] = {"n": int(len(labels)), "shards": shards}
-    atomic_write_text(manifest_path, json.dumps(manifest, indent=1))  # written last: marks a complete extraction
-    log(f"codes: {manifest['splits']['train']['n']} train / {manifest['splits']['holdout']['n']} held-out grids "
-        f"{manifest['grids']} in {folder}")
-    return manifest
+    splits = {"train": train, "holdout": holdout}
+    on_every_rank(fabric, lambda: _extract_mine(model, splits, folder, level_names, fabric.global_rank,
+                                                fabric.world_size, batch_size, shard_size, device, dtype))
 
+    def write_manifest() -> dict:
+        manifest = {
+            "stage1_checkpoint": str(stage1_ckpt), "stage1_sha256": sha, "levels": level_names,
+            "grids": [list(g) for g in model.grid_shapes(image_size)], "num_codes": k,
+            "num_classes": len(class_names or []), "class_names": class_names, "splits": {},
+        }
+        for split, images in splits.items():
+            shards = [{**s, **_shard_names(split, i, level_names)}
+                      for i, s in enumerate(extraction_plan(len(images), fabric.world_size, batch_size, shard_size))]
+            missing = [s["labels"] for s in shards if not (folder / s["labels"]).is_file()]
+            if missing:
+                raise UserError(f"codes: shard files {missing} were not written to {folder} (is it on a disk every "
+                                "process sees?); run stage 2 again")
+            manifest["splits"][split] = {"n": len(images), "shards": shards}
+        atomic_write_text(folder / "manifest.json", json.dumps(manifest, indent=1))  # last: a complete extraction
+        log(f"codes: {len(train)} train / {len(holdout)} held-out grids {manifest['grids']} in {folder}"
+            + (f", written by {fabric.world_size} processes" if fabric.world_size > 1 else ""))
+        return manifest
 
+    return rank_zero_result(fabric, write_manifest)
 
 
 def load_manifest(folder: Path) -> dict:

@@ -57,6 +57,8 @@ class FabricConfig:
     strategy: str = "auto"  # auto | ddp | ddp_spawn | fsdp
     precision: str = "bf16-mixed"  # 32-true | bf16-mixed | 16-mixed | bf16-true
     threads: int = 0  # torch intra-op threads per process; 0 = torch's default
+    fsdp_checkpoint: str = "full"  # fsdp: full (one file, gathered on rank 0) | sharded (each rank writes its shard)
+    activation_checkpointing: bool = False  # fsdp: recompute each prior block's activations in backward (less memory)
 
 
 def level_names(levels: int) -> list[str]:
@@ -610,6 +612,9 @@ def validate(cfg: Config) -> None:
     _check(f.threads >= 0, "fabric.threads", f.threads, "must be >= 0 (0 = torch's default)")
     _check(not (f.strategy == "fsdp" and f.accelerator == "mps"), "fabric.strategy", f.strategy,
            "FSDP does not run on MPS (fabric.accelerator=mps); use fabric.strategy=auto")
+    _check_choice("fabric.fsdp_checkpoint", f.fsdp_checkpoint, ("full", "sharded"))
+    _check(f.strategy == "fsdp" or not f.activation_checkpointing, "fabric.activation_checkpointing",
+           f.activation_checkpointing, "needs fabric.strategy=fsdp")
 
     _check(v.channels >= 8, "vqvae.channels", v.channels, "must be >= 8")
     _check(v.res_channels >= 1, "vqvae.res_channels", v.res_channels, "must be >= 1")

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 
 from pipeline.io import UserError
+
+# stands in for Fabric where code that can run on several ranks runs in a plain single process (no collectives)
+ONE_PROCESS = SimpleNamespace(global_rank=0, world_size=1)
 
 
 def shard_indices(num: int, rank: int, world: int) -> list[int]:
@@ -77,10 +81,17 @@ def rank_zero_first(fabric, fn: Callable[[], Any]) -> Any:
     return result if fabric.global_rank == 0 else fn()
 
 
+def rank_zero_result(fabric, fn: Callable[[], Any]) -> Any:
+    """``fn()`` on rank 0 only, its (picklable) result sent to every rank; a failure is shared as in
+    ``on_rank_zero``. For a decision all ranks must agree on, e.g. whether an earlier extraction is reusable."""
+    result = on_rank_zero(fabric, fn)
+    return result if fabric.world_size == 1 else fabric.broadcast(result, src=0)
+
+
 def on_every_rank(fabric, fn: Callable[[], Any]) -> Any:
-    """``fn()`` on every rank (each writes its own file, say), with any rank's failure shared: every rank raises
-    the first failing rank's message (its own exception on that rank) instead of waiting at the next collective
-    for a rank that has stopped."""
+    """``fn()`` on every rank, returning once every rank has finished it (it ends with a collective). If it raises
+    anywhere, every rank raises: the failed rank its own exception unchanged, the others a one-line UserError with
+    the first failed rank's reason, instead of waiting for it at the next collective."""
     if fabric.world_size == 1:
         return fn()
     result, message, failure = None, None, None
@@ -88,11 +99,12 @@ def on_every_rank(fabric, fn: Callable[[], Any]) -> Any:
         result = fn()
     except Exception as err:  # noqa: BLE001 - shared with the other ranks, then re-raised as is
         failure = err
-        rank = fabric.global_rank
-        message = str(err) if isinstance(err, UserError) else f"rank {rank} failed: {type(err).__name__}: {err}"
-    flag = torch.tensor([int(failure is not None)], dtype=torch.int64, device=fabric.device)
-    failed = fabric.all_gather(flag).reshape(-1).cpu()  # (world,)
+        message = str(err) if isinstance(err, UserError) else \
+            f"rank {fabric.global_rank} failed: {type(err).__name__}: {err}"
+    failed = fabric.all_gather(fabric.to_device(torch.tensor([failure is not None]))).reshape(-1).cpu()
     if failed.any():
-        message = fabric.broadcast(message, src=int(failed.nonzero()[0]))
-        raise failure if failure is not None else UserError(message)
+        message = fabric.broadcast(message, src=int(failed.nonzero()[0, 0]))
+        if failure is not None:
+            raise failure
+        raise UserError(message)
     return result

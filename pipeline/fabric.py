@@ -36,10 +36,13 @@ def make_fabric(cfg: FabricConfig, loggers: list | None = None, launch: bool = T
     strategy = cfg.strategy
     if strategy == "auto" and (cfg.devices > 1 or cfg.num_nodes > 1):
         strategy = "ddp"
-    if strategy == "fsdp":  # full (consolidated) state dicts: one checkpoint file that every stage can load
+    if strategy == "fsdp":  # full state dicts by default: one checkpoint file that every stage can load
         from pipeline.fsdp import FullStateFSDP
+        from pipeline.priors import block_classes
 
-        strategy = FullStateFSDP()
+        blocks = block_classes()  # one FSDP unit per block: a rank holds its shards plus one gathered block
+        strategy = FullStateFSDP(state_dict_type=cfg.fsdp_checkpoint, auto_wrap_policy=blocks,
+                                 activation_checkpointing_policy=blocks if cfg.activation_checkpointing else None)
     fabric = Fabric(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=strategy,
                     precision=cfg.precision, loggers=loggers or [])
     if launch and not os.environ.get("LT_CLI_USED"):

@@ -2,6 +2,11 @@
 
 Full state dicts make one checkpoint file that every stage loads, whatever the process count or strategy.
 
+``make_fabric`` passes an auto-wrap policy with the prior blocks (``pipeline.priors.block_classes``): every block
+is an FSDP unit of its own, so a rank keeps 1/world of the parameters and gathers one block at a time in forward
+and backward, instead of the whole model (the root unit holds the rest: embeddings, head, conditioning network).
+The VQ-VAE-2 has no such blocks and stays one unit.
+
 Fabric 2.6 accepts FSDP on GPUs only, but torch's FSDP also runs on CPU over gloo, which is how this project
 tests its FSDP path on machines without GPUs (on CPU it is slower than DDP and only meant for that). Two
 things stand in the way, both handled here and only when the processes run on CPU:
@@ -31,7 +36,13 @@ import torch
 from lightning_fabric.strategies import FSDPStrategy
 from lightning_fabric.strategies import fsdp as fabric_fsdp
 
-__all__ = ["FullStateFSDP"]
+__all__ = ["FullStateFSDP", "local_parameter_bytes"]
+
+
+def local_parameter_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the parameters this process holds: all of them under DDP or one process; under FSDP (Fabric sets
+    ``use_orig_params=True``) each parameter is a view of this rank's shard, so only the local part counts."""
+    return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 def _full_state_dict_on_cpu(module, world_size: int, rank0_only: bool = True):
@@ -49,10 +60,11 @@ def _full_state_dict_on_cpu(module, world_size: int, rank0_only: bool = True):
 
 
 class FullStateFSDP(FSDPStrategy):
-    """``FSDPStrategy(state_dict_type="full")`` that also works when the processes run on CPU."""
+    """``FSDPStrategy`` with full state dicts by default (``state_dict_type="sharded"``: each rank saves its shard,
+    see ``pipeline.checkpoint``) that also works when the processes run on CPU."""
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(state_dict_type="full", **kwargs)
+    def __init__(self, state_dict_type: str = "full", **kwargs: Any) -> None:
+        super().__init__(state_dict_type=state_dict_type, **kwargs)
 
     @property
     def _on_cpu(self) -> bool:
@@ -77,7 +89,16 @@ class FullStateFSDP(FSDPStrategy):
             module = FSDP(module, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
                           sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"),
                           **self._fsdp_kwargs)
-        return super().setup_module(module)
+        if not any(isinstance(m, FSDP) for m in module.modules()):
+            return super().setup_module(module)
+        # Fabric deletes the auto-wrap policy (with a warning) when it meets a wrapped module; it is kept for the
+        # next model of the run (stage 2 sets up one prior per level)
+        kwargs = self._fsdp_kwargs
+        self._fsdp_kwargs = {k: v for k, v in kwargs.items() if k != "auto_wrap_policy"}
+        try:
+            return super().setup_module(module)
+        finally:
+            self._fsdp_kwargs = kwargs
 
     @contextlib.contextmanager
     def _cpu_state_dicts(self) -> Iterator[None]:
@@ -95,6 +116,17 @@ class FullStateFSDP(FSDPStrategy):
         with self._cpu_state_dicts():
             return super().save_checkpoint(*args, **kwargs)
 
-    def load_checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+    def load_checkpoint(self, path: Any, state: Any = None, **kwargs: Any) -> Any:
+        """Fabric's load; from a sharded checkpoint, objects with a state dict (the LR scheduler) get it loaded:
+        Fabric 2.6 puts the saved state dict in their place in ``state`` instead, and the scheduler restarts."""
+        from torch.optim import Optimizer
+
+        stateful = {k: v for k, v in state.items() if hasattr(v, "load_state_dict")
+                    and not isinstance(v, (torch.nn.Module, Optimizer))} if isinstance(state, dict) else {}
         with self._cpu_state_dicts():
-            return super().load_checkpoint(*args, **kwargs)
+            rest = super().load_checkpoint(path, state, **kwargs)
+        for key, obj in stateful.items():
+            if state[key] is not obj:
+                obj.load_state_dict(state[key])
+                state[key] = obj
+        return rest

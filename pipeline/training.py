@@ -13,6 +13,7 @@ the uninterrupted run would have seen.
 from __future__ import annotations
 
 import math
+import shutil
 import signal
 import sys
 import threading
@@ -30,14 +31,20 @@ from pipeline.card import hardware
 from pipeline.checkpoint import (
     BEST_CKPT,
     LAST_CKPT,
+    convert_sharded,
     optimizer_state_by_name,
     rank_rng_states,
     restore_rng,
+    resume_point,
     rng_state,
     save_checkpoint,
+    saved_state,
+    saves_sharded,
+    sharded_path,
 )
 from pipeline.config import TrainConfig
-from pipeline.io import UserError, load_checkpoint
+from pipeline.distributed import on_rank_zero
+from pipeline.io import UserError
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -246,6 +253,10 @@ def _set_up(fabric, task: Task, tcfg: TrainConfig, out_dir: Path, desc: str) -> 
     model = task.model
     if tcfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+        if saves_sharded(fabric) and any(not p.is_contiguous() for p in model.parameters()):
+            raise UserError(f"{desc}: parameters in the channels_last memory format cannot be saved as sharded FSDP "
+                            "checkpoints (torch's sharded tensors need contiguous ones); set channels_last=false in "
+                            "this stage's section (e.g. stage1.channels_last=false) or fabric.fsdp_checkpoint=full")
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -266,22 +277,26 @@ def _set_up(fabric, task: Task, tcfg: TrainConfig, out_dir: Path, desc: str) -> 
     return loop
 
 
-def _resume(loop: _Loop) -> tuple[dict, bool]:
-    """Load ``last.ckpt`` into the state; the config's optimizer and schedule settings win (and are reported).
-    Returns (what the checkpoint holds besides the state: every rank's RNG states, the data position, ...; whether
-    the run had already finished)."""
+def _resume(loop: _Loop, source: Path) -> tuple[dict, bool]:
+    """Load ``source`` (``last.ckpt``, or its sharded form when that is newer) into the state; the config's optimizer
+    and schedule settings win (and are reported). A sharded checkpoint is loaded shard by shard under FSDP (no rank
+    reads the whole state) and converted to ``last.ckpt`` first otherwise. Returns (what the checkpoint holds besides
+    the state: every rank's RNG states, the data position, ...; whether the run had already finished)."""
     fabric, tcfg, state = loop.fabric, loop.tcfg, loop.state
-    saved = load_checkpoint(loop.last)  # a corrupt or unsafe file: one line, before Fabric's own loader sees it
+    if source.is_dir() and not loop.fsdp:
+        on_rank_zero(fabric, lambda: convert_sharded(source, loop.last))
+        source = loop.last
+    saved = saved_state(source)  # a corrupt or unsafe file: one line, before Fabric's own loader sees it
     if "seconds" not in saved:  # written before training time was kept
         state.pop("seconds")
-    rest = fabric.load(loop.last, state, weights_only=True)  # what is not in ``state``: per-rank RNG, settings
+    rest = fabric.load(source, state, weights_only=True)  # what is not in ``state``: per-rank RNG, settings
     state.setdefault("seconds", 0.0)
     if state["step"] >= tcfg.max_steps:
         fabric.print(f"{loop.desc}: already finished ({state['step']}/{tcfg.max_steps} steps) in {loop.out_dir}; "
                      "use --fresh to start over, or raise max_steps to continue")
         return rest, True
     changed = apply_settings(loop.optimizer, loop.scheduler, tcfg, rest.get("train"))
-    fabric.print(f"{loop.desc}: resuming from {loop.last} at step {state['step']}"
+    fabric.print(f"{loop.desc}: resuming from {source} at step {state['step']}"
                  + (f" with changed settings ({'; '.join(changed)}), applied from this step on" if changed else ""))
     return rest, False
 
@@ -398,6 +413,20 @@ def _validate(loop: _Loop, bar, step: int) -> None:
     bar.unpause()  # the bar's rate and ETA count training steps, not this pause (the ETA read 1:23:27 after one)
 
 
+def _single_files(loop: _Loop) -> None:
+    """After training with sharded checkpoints: rank 0 converts ``last`` and ``best`` to the single files that
+    every strategy and later stage loads (the sharded folders stay, to resume from under FSDP)."""
+    if not saves_sharded(loop.fabric):
+        return
+
+    def convert() -> None:
+        for path in (loop.last, loop.out_dir / BEST_CKPT):
+            if resume_point(path) == sharded_path(path):  # newer than the file (or no file yet)
+                convert_sharded(sharded_path(path), path)
+
+    on_rank_zero(loop.fabric, convert)
+
+
 def fit(fabric, task: Task, tcfg: TrainConfig, out_dir: Path, fresh: bool = False, desc: str = "train") -> dict:
     """Train ``task`` to ``tcfg.max_steps`` in ``out_dir`` (checkpoints ``last.ckpt`` and ``best.ckpt``), resuming
     from ``last.ckpt`` unless ``fresh``. Returns the final held-out metrics (empty if none)."""
@@ -405,9 +434,14 @@ def fit(fabric, task: Task, tcfg: TrainConfig, out_dir: Path, fresh: bool = Fals
 
     loop = _set_up(fabric, task, tcfg, out_dir, desc)
     state, saved = loop.state, {}
-    if loop.last.exists() and not fresh:
-        saved, finished = _resume(loop)
+    source = resume_point(loop.last, prefer_sharded=loop.fsdp)
+    if fresh:  # an earlier run's sharded checkpoints must not pass for this run's later
+        on_rank_zero(fabric, lambda: [shutil.rmtree(sharded_path(p), ignore_errors=True)
+                                      for p in (loop.last, loop.out_dir / BEST_CKPT)])
+    elif source is not None:
+        saved, finished = _resume(loop, source)
         if finished:
+            _single_files(loop)
             return dict(state["metrics"])
     model = torch.compile(loop.model) if tcfg.compile else loop.model
     batches = _batches(loop, saved)
@@ -436,11 +470,13 @@ def fit(fabric, task: Task, tcfg: TrainConfig, out_dir: Path, fresh: bool = Fals
                 if not saved:
                     loop.save(loop.last)
                 bar.close()
-                fabric.print(f"\n{desc}: interrupted; saved {loop.last} at step {step}; run again to resume")
+                where = sharded_path(loop.last) if saves_sharded(fabric) else loop.last
+                fabric.print(f"\n{desc}: interrupted; saved {where} at step {step}; run again to resume")
                 saved_on_stop = True
                 raise KeyboardInterrupt
-        if task.validate is not None and task.best_metric and not (loop.out_dir / BEST_CKPT).exists():
+        if task.validate is not None and task.best_metric and resume_point(loop.out_dir / BEST_CKPT) is None:
             loop.save(loop.out_dir / BEST_CKPT)  # e.g. a resumed run whose best was never written
+        _single_files(loop)
     except KeyboardInterrupt:
         bar.close()
         if not saved_on_stop:  # a second Ctrl-C: the state may be mid-step, keep the last checkpoint

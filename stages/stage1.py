@@ -10,14 +10,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.checkpoint import LAST_CKPT
+from pipeline.checkpoint import LAST_CKPT, resume_point, saved_state
 from pipeline.config import Config, config_diff, config_from_dict, save_config
 from pipeline.critic import AdversarialVQVAE, PatchCritic
 from pipeline.data import ImageSet, augment, load_image_data, to_float, to_uint8
 from pipeline.distributed import on_rank_zero, rank_zero_first
 from pipeline.fabric import log_image, make_fabric, make_loggers
 from pipeline.images import grid_image
-from pipeline.io import UserError, atomic_save_png, load_checkpoint
+from pipeline.io import UserError, atomic_save_png
 from pipeline.metrics.reconstruction import reconstruction_stats
 from pipeline.sources import has_labels
 from pipeline.streaming import StreamedTraining, load_stream_data, stream_listing
@@ -85,8 +85,9 @@ def critic_changes(trained_for: dict, cfg: Config) -> list[str]:
 
 def run_stage1(cfg: Config, run: RunFolder, fresh: bool = False) -> dict[str, float]:
     last = run.stage1 / LAST_CKPT
-    if last.exists() and not fresh:
-        trained_for = config_from_dict(load_checkpoint(last)["meta"]["config"]).to_dict()  # keys added since: defaults
+    point = resume_point(last, prefer_sharded=cfg.fabric.strategy == "fsdp")
+    if point is not None and not fresh:
+        trained_for = config_from_dict(saved_state(point)["meta"]["config"]).to_dict()  # keys added since: defaults
         changes = config_diff(trained_for, cfg.to_dict(), STAGE1_KEYS) + critic_changes(trained_for, cfg)
         check_resumable(last, changes, "config", "stage1")
     listed = stream_listing(cfg.data)  # every process lists the files; workers decode them while training

@@ -10,11 +10,11 @@ import sys
 
 import torch
 
-from pipeline.checkpoint import LAST_CKPT
-from pipeline.codes import CodeSet, extract_codes, load_manifest
+from pipeline.checkpoint import LAST_CKPT, resume_point, saved_state
+from pipeline.codes import CodeSet, extract_codes
 from pipeline.config import Config, config_diff
 from pipeline.data import load_image_data
-from pipeline.distributed import on_rank_zero
+from pipeline.distributed import rank_zero_first
 from pipeline.fabric import make_fabric, make_loggers
 from pipeline.io import UserError, atomic_write_text, load_checkpoint
 from pipeline.priors import normalize_spec, prior_from_spec, prior_spec
@@ -68,17 +68,14 @@ def run_stage2(cfg: Config, run: RunFolder, fresh: bool = False) -> dict:
     names = level_names(vqvae.levels)
     fabric = make_fabric(cfg.fabric, loggers=make_loggers(run.stage2))
 
-    def extract() -> None:  # rank 0 writes the codes; the others read them once it is done
-        data = load_image_data(cfg1.data, cache_dir=run.data_cache)  # stage 1's data settings
-        meta = load_checkpoint(stage1_path)["meta"]  # class names: older checkpoints have only their number
-        class_names = meta.get("class_names") or ([str(i) for i in range(meta["num_classes"])]
-                                                  if meta.get("num_classes") else None)
-        extract_codes(vqvae.to(fabric.device), stage1_path, data.train, data.holdout, run.codes, class_names, names,
-                      cfg1.data.image_size, cfg.extract.batch_size, cfg.extract.shard_size, fabric.device,
-                      log=fabric.print)
-
-    on_rank_zero(fabric, extract)  # its broadcast is the barrier; a failure on rank 0 stops every rank clearly
-    manifest = load_manifest(run.codes)
+    # every rank encodes its own part of the images (rank 0 prepares stage 1's data cache first)
+    data = rank_zero_first(fabric, lambda: load_image_data(cfg1.data, cache_dir=run.data_cache))
+    meta = load_checkpoint(stage1_path)["meta"]  # class names: older checkpoints have only their number
+    class_names = meta.get("class_names") or ([str(i) for i in range(meta["num_classes"])]
+                                              if meta.get("num_classes") else None)
+    manifest = extract_codes(vqvae.to(fabric.device), stage1_path, data.train, data.holdout, run.codes, class_names,
+                             names, cfg1.data.image_size, cfg.extract.batch_size, cfg.extract.shard_size, fabric.device,
+                             log=fabric.print, fabric=fabric)
     train, holdout = CodeSet(run.codes, "train", manifest), CodeSet(run.codes, "holdout", manifest)
     num_classes = manifest["num_classes"] if cfg.prior.class_conditional else 0
     if cfg.prior.class_conditional and manifest["num_classes"] == 0:
@@ -90,8 +87,9 @@ def run_stage2(cfg: Config, run: RunFolder, fresh: bool = False) -> dict:
         spec = prior_spec(net, grids[level], k, num_classes, grids[level - 1] if level else None, k if level else 0,
                           cfg.prior.window_for(name))
         last = run.prior(name) / LAST_CKPT
-        if last.exists() and not fresh:
-            meta = load_checkpoint(last)["meta"]
+        point = resume_point(last, prefer_sharded=cfg.fabric.strategy == "fsdp")
+        if point is not None and not fresh:
+            meta = saved_state(point)["meta"]
             check_resumable(last, [f"stage-1 sha256 {meta.get('stage1_sha256', '?')[:12]} -> {sha[:12]}"]
                             if meta.get("stage1_sha256") != sha else [], "stage-1 model", "stage2")
             trained = normalize_spec(meta["prior"]) if meta.get("prior") else {}

@@ -3,9 +3,10 @@
 import shutil
 
 import numpy as np
+import pytest
 import torch
 
-from pipeline.codes import CodeSet, extract_codes, load_manifest
+from pipeline.codes import CodeSet, extract_codes, extraction_plan, load_manifest
 from pipeline.config import DataConfig, VQVAEConfig
 from pipeline.data import load_image_data, to_float
 from pipeline.vqvae import VQVAE2
@@ -61,3 +62,18 @@ def test_stage2_resumes_and_refuses_a_changed_stage1(smoke_run, tmp_path, capsys
     captured = capsys.readouterr()
     assert "extracting again" in captured.out
     assert "trained with a different stage-1 model" in captured.err and "--fresh" in captured.err
+
+
+@pytest.mark.parametrize("n,world,batch,shard", [(540, 2, 16, 100), (60, 2, 16, 100), (7, 3, 4, 2), (90, 1, 16, 25),
+                                                 (5, 4, 8, 10)])
+def test_extraction_plan_covers_every_image_once_in_order(n, world, batch, shard):
+    plan = extraction_plan(n, world, batch, shard)
+    assert [s["start"] for s in plan] == np.cumsum([0] + [s["n"] for s in plan])[:-1].tolist()  # dataset order
+    assert sum(s["n"] for s in plan) == n and all(0 < s["n"] <= shard for s in plan)
+    assert [s["rank"] for s in plan] == sorted(s["rank"] for s in plan)  # each rank one contiguous range ...
+    firsts = [next(s for s in plan if s["rank"] == r) for r in {s["rank"] for s in plan}]
+    assert all(s["start"] % batch == 0 for s in firsts)  # ... of whole batches
+    if world == 1:  # one process: the shards of a plain split into shard_size pieces
+        assert [s["n"] for s in plan] == [min(shard, n - i) for i in range(0, n, shard)]
+    if n >= world * batch:
+        assert {s["rank"] for s in plan} == set(range(world))  # every rank has work

@@ -107,3 +107,15 @@ def test_old_prior_specs_with_every_field_load_like_new_ones():
     assert normalize_spec(old) == spec
     assert sum(p.numel() for p in prior_from_spec(old).parameters()) == sum(
         p.numel() for p in prior_from_spec(spec).parameters())
+
+
+@pytest.mark.parametrize("override,message", [
+    ("fabric.activation_checkpointing=true", r"fabric.activation_checkpointing=True is not allowed: needs "
+                                             r"fabric.strategy=fsdp"),
+    ("fabric.fsdp_checkpoint=shards", r"fabric.fsdp_checkpoint='shards' is not allowed: choose one of full, sharded"),
+])
+def test_fsdp_settings_are_checked(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+    load_config(None, ["fabric.strategy=fsdp", "fabric.activation_checkpointing=true",
+                       "fabric.fsdp_checkpoint=sharded"])

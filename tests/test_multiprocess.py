@@ -20,13 +20,16 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.codes import CodeSet, extract_codes
 from pipeline.config import FabricConfig
-from pipeline.distributed import on_every_rank, on_rank_zero, rank_zero_first
+from pipeline.data import load_image_data
+from pipeline.distributed import on_rank_zero, rank_zero_first
 from pipeline.fabric import make_fabric
 from pipeline.io import UserError, load_checkpoint
 from pipeline.samples import load_sample_set
 from pipeline.training import StepSampler
 from stages import evaluate, sample, stage1
+from stages.runfolder import RunFolder, load_vqvae
 from tests.conftest import SMOKE, assert_same_images, copy_run, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,38 +195,76 @@ def test_rank_zero_first_runs_on_rank_zero_then_the_others():
     assert order == [0, 1, 2]
 
 
-class FakePair(FakeRank):
-    """Two ranks run one after the other for ``on_every_rank``: ``all_gather`` returns both ranks' failure flags
-    (known beforehand), ``broadcast`` hands the later rank what the earlier one sent."""
+class ThreadRanks:
+    """The collectives ``on_every_rank`` uses (all_gather, broadcast), for ranks run as threads of this process."""
 
-    def __init__(self, rank: int, flags: list[int]) -> None:
-        super().__init__(rank)
-        self.flags, self.device = flags, torch.device("cpu")
+    def __init__(self, world: int) -> None:
+        import threading
 
-    def all_gather(self, t):
-        return torch.tensor(self.flags).reshape(2, 1)
+        self.world, self.slots, self.barrier = world, [None] * world, threading.Barrier(world)
 
-    def broadcast(self, obj, src=0):
-        if self.global_rank == src:
-            FakeRank.sent.append(obj)
-            return obj
-        return FakeRank.sent.pop()
+    def rank(self, r: int):
+        ranks = self
+
+        class Rank:
+            global_rank, world_size = r, ranks.world
+
+            def to_device(self, t):
+                return t
+
+            def _exchange(self, value):
+                ranks.slots[r] = value
+                ranks.barrier.wait()
+                out = list(ranks.slots)
+                ranks.barrier.wait()
+                return out
+
+            def all_gather(self, t):
+                return torch.stack(self._exchange(t))
+
+            def broadcast(self, obj, src=0):
+                return self._exchange(obj)[src]
+
+        return Rank()
 
 
-def test_failure_on_any_rank_is_raised_on_every_rank():
-    """Each rank writes its own sample shard: when rank 1's write fails, rank 0 must stop with rank 1's reason
-    instead of waiting for it at the manifest's barrier."""
+def test_a_failure_on_any_rank_is_raised_on_every_rank():
+    """Each rank extracts its own codes (``on_every_rank``): when rank 1 fails, rank 0 must stop with its reason,
+    not wait for it at the next collective."""
+    import threading
+
+    from pipeline.distributed import on_every_rank
+
+    ranks, results = ThreadRanks(2), {}
     error = OSError(28, "No space left on device")
 
-    def fails():
-        raise error
+    def fn(r):
+        if r == 1:
+            raise error
+        return "done"
 
-    with pytest.raises(OSError) as got1:  # rank 1 (run first: it sends): its own exception
-        on_every_rank(FakePair(1, [0, 1]), fails)
-    assert got1.value is error
-    with pytest.raises(UserError, match=r"^rank 1 failed: OSError: \[Errno 28\] No space left on device$"):
-        on_every_rank(FakePair(0, [0, 1]), lambda: "written")
-    assert on_every_rank(FakePair(0, [0, 0]), lambda: "written") == "written"
+    def run_rank(r):
+        try:
+            results[r] = on_every_rank(ranks.rank(r), lambda: fn(r))
+        except Exception as err:  # noqa: BLE001 - recorded for the assertions
+            results[r] = err
+
+    threads = [threading.Thread(target=run_rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert results[1] is error  # the failed rank: its own exception
+    assert isinstance(results[0], UserError)
+    assert str(results[0]) == "rank 1 failed: OSError: [Errno 28] No space left on device"
+    ranks = ThreadRanks(2)  # no failure: every rank gets its own result
+    threads = [threading.Thread(target=lambda r=r: results.__setitem__(r, on_every_rank(ranks.rank(r), lambda: r)))
+               for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert results == {0: 0, 1: 1}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -346,10 +387,18 @@ def test_checkpoint_of_two_processes_resumes_in_one(resume_chain, capsys):
     assert leftovers(run_dir) == []
 
 
+EXTRACT = ["extract.batch_size=16", "extract.shard_size=100"]  # several batches and shard files on each rank
+
+
+@pytest.fixture(scope="module")
+def stage2_two_processes(smoke_run, tmp_path_factory):
+    run_dir = copy_run(smoke_run, tmp_path_factory.mktemp("stage2x2") / "run", parts=("config.yaml", "stage1"))
+    return run_dir, torchrun_stage("stage2", run_dir, "stage2.max_steps=10", *EXTRACT)
+
+
 @pytest.mark.slow
-def test_stage2_with_two_processes(smoke_run, tmp_path):
-    run_dir = copy_run(smoke_run, tmp_path / "run", parts=("config.yaml", "stage1"))
-    proc = torchrun_stage("stage2", run_dir, "stage2.max_steps=10")
+def test_stage2_with_two_processes(stage2_two_processes):
+    run_dir, proc = stage2_two_processes
     assert proc.returncode == 0
     assert proc.stdout.count("stage 2 done: top prior") == 1 and proc.stdout.count("stage 2 done: bottom prior") == 1
     manifest = json.loads((run_dir / "codes" / "manifest.json").read_text())
@@ -361,6 +410,39 @@ def test_stage2_with_two_processes(smoke_run, tmp_path):
     assert set(summary["levels"]) == {"top", "bottom"}
     assert [f for f in files(run_dir / "stage2") if "logs" in f] == ["logs/version_0/metrics.csv"]
     assert leftovers(run_dir) == []
+
+
+@pytest.mark.slow
+def test_every_rank_extracts_its_own_codes_and_they_equal_one_process(stage2_two_processes, tmp_path):
+    """Each rank writes the shards of its contiguous range; the manifest lists them in dataset order, so the codes
+    and labels read back equal a 1-process extraction's. Compared exactly: both extract the same batches of 16
+    (rank ranges start at batch boundaries) with 1 thread on this CPU, so the arithmetic, and every argmin tie,
+    is the same; a shard list out of order or a missing range would fail."""
+    run_dir, proc = stage2_two_processes
+    assert proc.returncode == 0 and "written by 2 processes" in proc.stdout
+    folder = run_dir / "codes"
+    two = json.loads((folder / "manifest.json").read_text())
+    vqvae, cfg1, stage1_path = load_vqvae(RunFolder(run_dir))
+    data = load_image_data(cfg1.data, cache_dir=RunFolder(run_dir).data_cache)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = extract_codes(vqvae, stage1_path, data.train, data.holdout, tmp_path / "one", data.class_names,
+                            ["top", "bottom"], cfg1.data.image_size, batch_size=16, shard_size=100, log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert two["stage1_sha256"] == one["stage1_sha256"]
+    for split, images in (("train", data.train), ("holdout", data.holdout)):
+        shards = two["splits"][split]["shards"]
+        assert {s["rank"] for s in shards} == {0, 1}  # both ranks wrote files of this split
+        assert [s["start"] for s in shards] == np.cumsum([0] + [s["n"] for s in shards])[:-1].tolist()
+        assert sum(s["n"] for s in shards) == two["splits"][split]["n"] == len(images)  # every image once
+        assert all((folder / s[k]).is_file() for s in shards for k in ("top", "bottom", "labels"))
+        idx = list(range(len(images)))
+        codes2, labels2 = CodeSet(folder, split, two).__getitems__(idx)
+        codes1, labels1 = CodeSet(tmp_path / "one", split, one).__getitems__(idx)
+        assert torch.equal(labels2, labels1) and torch.equal(labels2, images.labels)
+        assert all(torch.equal(a, b) for a, b in zip(codes2, codes1))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -449,9 +531,56 @@ def test_fsdp_stage2_then_sampling_in_one_process(fsdp_and_ddp, tmp_path, capsys
 
 
 @pytest.mark.slow
+def test_fsdp_shards_a_prior_block_by_block_and_holds_half_its_parameters(tmp_path):
+    """DDP holds every parameter on every rank; FSDP over 2 ranks holds half, and with one unit per transformer
+    block a rank gathers one block at a time, not the whole model (a single unit would gather all of it)."""
+    out = tmp_path / "fsdp.json"
+    proc = run_cmd(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "bench.fsdp_worker",
+                    str(out), "fsdp", "prior.bottom.n_layer=4", "fabric.activation_checkpointing=true"])
+    assert proc.returncode == 0
+    ranks = json.loads(out.read_text())
+    for r in ranks:
+        assert r["local_bytes"] <= 0.6 * r["model_bytes"]  # DDP's per-rank bytes are model_bytes
+        assert len(r["units"]) == 4 + 1  # the 4 blocks and the root (embeddings, final norm, head)
+        assert max(r["units"]) * 4 <= 0.3 * r["model_bytes"]  # float32: the largest unit is a fraction
+        assert r["checkpointed"] == 4 and np.isfinite(r["loss"])  # each block's activations recomputed
+    assert sum(r["local_bytes"] for r in ranks) >= ranks[0]["model_bytes"]  # the shards hold every parameter
+
+
+@pytest.mark.slow
+def test_fsdp_sharded_checkpoints_resume_bit_exact_and_become_one_file(tmp_path, capsys):
+    """fabric.fsdp_checkpoint=sharded: each rank writes its shard (no rank gathers the model), a 2-process resume
+    reads the shards and ends bit-exact with the straight run, and training ends with the single file every stage
+    loads (plain parameter names, optimizer state by name); one process resumes a stopped run from the shards."""
+    out = tmp_path / "resume.json"
+    proc = run_cmd(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                    "tests.mp_resume_helper", str(tmp_path / "run"), str(out), "sharded"])
+    assert proc.returncode == 0
+    result = json.loads(out.read_text())
+    assert result["stopped_at"] == 3 and result["steps"] == [8, 8] and result["equal"]
+    assert result["shards"] == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]  # one shard per rank
+    assert not result["file_when_stopped"]  # the stop saved shards only
+    assert proc.stdout.count(f"resuming from {tmp_path / 'run' / 'stopped' / 'last.dcp'} at step 3") == 1
+    assert result["model_keys"] == ["bias", "weight"] and result["optimizer_groups"] == [["weight"], ["bias"]]
+    # torch's sharded tensors need contiguous parameters: channels_last is refused before training, in one line
+    assert result["channels_last"].startswith("conv: parameters in the channels_last memory format cannot be saved")
+    assert "channels_last=false" in result["channels_last"] and "fabric.fsdp_checkpoint=full" in result["channels_last"]
+
+    from pipeline.training import fit
+    from tests.mp_resume_helper import task, train_config
+
+    stopped = tmp_path / "run" / "interrupted"
+    assert not (stopped / "last.ckpt").exists()
+    fit(make_fabric(FabricConfig(devices=1, precision="32-true", threads=1)), task(), train_config(), stopped)
+    assert f"resuming from {stopped / 'last.ckpt'} at step 3" in capsys.readouterr().out  # converted first
+    ckpt = load_checkpoint(stopped / "last.ckpt")
+    assert ckpt["step"] == 8 and torch.isfinite(ckpt["model"]["weight"]).all()
+
+
+@pytest.mark.slow
 def test_stage2_failure_on_rank_zero_stops_both_ranks_with_its_message(smoke_run, tmp_path):
-    """Rank 0 extracts the codes alone; when that fails, rank 1 must stop with rank 0's reason, not wait for it or
-    die in a gloo collective."""
+    """Rank 0 decides on reuse and prepares the codes folder; when that fails, rank 1 must stop with rank 0's
+    reason, not wait for it or die in a gloo collective."""
     run_dir = copy_run(smoke_run, tmp_path / "run", parts=("config.yaml", "stage1"))
     (run_dir / "codes").write_text("a file where the codes folder goes")
     proc = torchrun_stage("stage2", run_dir, "stage2.max_steps=2")

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
+from torch import nn
+
 from pipeline.config import PriorNetConfig, prior_net_from_dict
 from pipeline.priors.base import Prior
 
@@ -26,6 +28,18 @@ def build_prior(net: PriorNetConfig, grid: tuple[int, int], num_codes: int, num_
     from pipeline.priors.pixelcnn import GatedPixelCNN
 
     return GatedPixelCNN(**shape, **settings)
+
+
+def block_classes() -> set[type[nn.Module]]:
+    """The repeated blocks of every prior kind (GPT-2's and Llama's decoder layers, the PixelCNN's gated layers):
+    FSDP shards each as its own unit, so a rank holds one block's full weights at a time (not the whole model's),
+    and activation checkpointing recomputes each block's activations in the backward pass."""
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from pipeline.priors.pixelcnn import _GatedLayer
+
+    return {GPT2Block, LlamaDecoderLayer, _GatedLayer}
 
 
 def prior_spec(net: PriorNetConfig, grid, num_codes: int, num_classes: int, cond_grid, cond_num_codes: int,
@@ -53,4 +67,4 @@ def prior_from_spec(spec: dict[str, Any]) -> Prior:
                        spec["cond_grid"], spec["cond_num_codes"], spec["cond_window"])
 
 
-__all__ = ["Prior", "build_prior", "normalize_spec", "prior_from_spec", "prior_spec"]
+__all__ = ["Prior", "block_classes", "build_prior", "normalize_spec", "prior_from_spec", "prior_spec"]

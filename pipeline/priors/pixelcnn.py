@@ -71,6 +71,16 @@ class _GatedLayer(nn.Module):
         self.skip = nn.Conv2d(channels, channels, 1)
         self.dropout = nn.Dropout(dropout)
 
+    def forward(self, v: torch.Tensor, h: torch.Tensor, bv: torch.Tensor | None,
+                bh: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The layer over whole grids (training; the cached sampling path calls the two halves row by row):
+        (vertical, horizontal, skip) from the stacks (B, C, H, W) and the layer's gate biases. A ``forward`` of
+        its own makes the layer a unit FSDP can shard and activation checkpointing can recompute."""
+        v_pre = self.vertical(F.pad(v, (0, 0, self.pad, 0)))  # (B, 2C, H, W): row i sees rows <= i
+        v2h = _down_shift(self.v_to_h(v_pre))  # rows < i only
+        h, skip = self.horizontal(h, v2h, bh)
+        return _gate(v_pre if bv is None else v_pre + bv), h, skip
+
     def vertical(self, v: torch.Tensor) -> torch.Tensor:
         """Vertical pre-activation (B, 2C, h - p, W) from input rows (B, C, h, W) already top-padded by p."""
         return self.v_conv(F.pad(v, (self.pad, self.pad, 0, 0)))
@@ -265,11 +275,7 @@ class GatedPixelCNN(Prior):
         v, h = x, x
         skip = torch.zeros_like(x)
         for i, blk in enumerate(self.blocks):
-            bv, bh = self._split(bias, i)
-            v_pre = blk.vertical(F.pad(v, (0, 0, self.pad, 0)))  # (B, 2C, H, W): sees rows <= i
-            v2h = _down_shift(blk.v_to_h(v_pre))  # rows < i only
-            v = _gate(v_pre if bv is None else v_pre + bv)
-            h, s = blk.horizontal(h, v2h, bh)
+            v, h, s = blk(v, h, *self._split(bias, i))
             skip = skip + s
         return self.head(skip)
 
