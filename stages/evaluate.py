@@ -23,7 +23,7 @@ import torch
 
 from pipeline.codes import CodeSet, file_sha256
 from pipeline.config import Config, DataConfig
-from pipeline.data import ImageData, load_image_data, real_provenance, to_float, to_uint8
+from pipeline.data import ImageData, real_provenance, to_float, to_uint8
 from pipeline.distributed import on_rank_zero, rank_zero_first
 from pipeline.export import CARD, CONFIG, record_evaluation
 from pipeline.fabric import make_fabric
@@ -38,7 +38,7 @@ from pipeline.priors.likelihood import heldout_nll_bits
 from pipeline.samples import SampleSet
 from pipeline.vqvae import level_names
 from stages.cli import run_main, stage_parser
-from stages.runfolder import RunFolder, load_codes, load_priors, load_samples, load_vqvae
+from stages.runfolder import RunFolder, load_codes, load_priors, load_run_data, load_samples, load_vqvae
 
 
 def prior_nll(fabric, priors, codes_holdout: CodeSet, names: list[str]) -> dict[str, float]:
@@ -156,7 +156,7 @@ def run_evaluate(cfg: Config, run: RunFolder) -> dict | None:
     fabric = make_fabric(cfg.fabric)
     log = fabric.print
     on_rank_zero(fabric, samples.check)  # a missing or damaged shard stops every rank with one line, up front
-    data = rank_zero_first(fabric, lambda: load_image_data(cfg1.data, cache_dir=run.data_cache))
+    data = load_run_data(cfg1.data, run, fabric)
     kinds = [e.extractor] + (["domain"] if e.extractor == "inception" and e.domain_column else [])
     # rank 0 trains (or loads) and caches the domain classifier, or installs the Inception weights; then the others
     extractors = [rank_zero_first(fabric, lambda k=k: make_extractor(k, e, run.classifier, data, log=log))
