@@ -64,16 +64,18 @@ class UnreadableImage(UserError):
 
 class FileImages(Dataset):
     """(uint8 pixels (C, S, S), label) of image files decoded on access, as :class:`pipeline.data.ImageSet` gives
-    them from memory (the same ``__getitems__``, ``labels`` and ``all_pixels``). An unreadable file is replaced by
-    the next readable one (data.on_corrupt=skip, with a warning) or stops training (error). The paths are one numpy
-    byte array, not a list of strings: forked workers then share its pages instead of copying them as reference
-    counts change (https://github.com/pytorch/pytorch/issues/13246)."""
+    them from memory (the same ``__getitems__``, ``labels``, ``all_pixels``; ``pixels`` None as for a large set).
+    An unreadable file is replaced by the next readable one (data.on_corrupt=skip, with a warning) or stops
+    training (error). The paths are one numpy byte array, not a list of strings: forked workers then share its
+    pages instead of copying them as reference counts change (https://github.com/pytorch/pytorch/issues/13246)."""
 
     def __init__(self, files: list[Path], labels: np.ndarray, cfg: DataConfig) -> None:
         self.paths = np.array([os.fsencode(p) for p in files], dtype=np.bytes_)
         self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
         self.size, self.channels, self.on_corrupt = cfg.image_size, cfg.channels, cfg.on_corrupt
         self.background = ImageColor.getrgb(cfg.background)[:3]
+        self.workers = cfg.num_workers  # decoding processes where a stage reads many images (read_batches)
+        self.pixels = None  # as a large ImageSet: never held in memory as one tensor
 
     def __len__(self) -> int:
         return len(self.paths)
