@@ -78,14 +78,15 @@ class ImageSet(Dataset):
         return self.__getitems__(list(range(n)))[0]
 
 
-def read_batches(images: Dataset, batches: list[list[int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(uint8 pixels, labels) of each list of indices, in order, read by ``images.workers`` DataLoader worker
-    processes (files streamed by :class:`pipeline.streaming.FileImages` decode in parallel; 0: in this process)."""
+def read_batches(images: Dataset, batches: list[list[int]]) -> Iterator[Any]:
+    """``images.__getitems__`` of each list of indices (for an image set: uint8 pixels, labels), in order, read by
+    ``images.workers`` DataLoader worker processes (files streamed by :class:`pipeline.streaming.FileImages`
+    decode in parallel; 0: in this process)."""
     loader = DataLoader(images, batch_sampler=batches, collate_fn=_as_read, num_workers=images.workers)
     yield from loader
 
 
-def _as_read(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _as_read(batch: Any) -> Any:
     return batch  # ``__getitems__`` already made the batch
 
 

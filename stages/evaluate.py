@@ -61,6 +61,7 @@ class RealImages:
 
     def __init__(self, data: ImageData, cfg: DataConfig, n: int) -> None:
         self.data, self.cfg, self.n = data, cfg, n
+        self.workers = data.train.workers  # decoding processes of streamed files (reference and floor read files)
         self.held = min(n, len(data.holdout))
         perm = np.random.default_rng(0).permutation(len(data.train))
         self.ref_idx, self.extra_idx = np.sort(perm[:n]), perm[n : n + n - self.held]
@@ -110,10 +111,10 @@ def extracted(fabric, extractor, e, real: RealImages, samples_of, recon_of, run:
     keep = e.gather_features or n
     about = {"extractor": extractor.name, "weights_sha256": extractor.fingerprint, "protocol": PROTOCOL[extractor.name]}
 
-    def real_set(what: str, pixels_of, total: int, provenance: dict, folder) -> Reduced:
+    def real_set(what: str, pixels_of, total: int, provenance: dict, folder, workers: int = real.workers) -> Reduced:
         meta = {**provenance, **about, "n": total, "kept": min(keep, total)}
         return cached_reduction(fabric, folder, meta, lambda: reduce_features(
-            fabric, extractor, pixels_of, total, bs, keep, f"{extractor.name}: {what}"), log)
+            fabric, extractor, pixels_of, total, bs, keep, f"{extractor.name}: {what}", workers), log)
 
     shared = reference_dir(e.reference_dir)
     out = {"ref": real_set("train reference", real.reference, n, real.provenance("train"), shared),
@@ -122,7 +123,7 @@ def extracted(fabric, extractor, e, real: RealImages, samples_of, recon_of, run:
     out["floor"] = real_set("real floor", real.floor, n, floor, shared)
     out["held"] = out["floor"] if h == n else real_set("held-out", real.floor, h, real.provenance("holdout"), shared)
     out["rec"] = real_set("reconstructions", recon_of, h, {**real.provenance("holdout"), "split": "recon",
-                                                          "stage1": stage1_sha}, run.reference_cache)
+                                                          "stage1": stage1_sha}, run.reference_cache, workers=0)
     return {**out, "seconds": time.perf_counter() - t0}
 
 
