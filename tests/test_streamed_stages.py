@@ -1,13 +1,15 @@
 """The stages after stage 1 on a streamed folder (data.streaming=always): they read the image files as stage 1
 does, never decoding the whole set into RUN/data/cache, and find what the cached path finds."""
 
+import json
 import shutil
 
 import numpy as np
+import pytest
 import torch
 
 from pipeline.codes import CodeSet, load_manifest
-from stages import stage1, stage2
+from stages import evaluate, sample, stage1, stage2
 from tests.conftest import run
 from tests.stream_helper import png_folder
 
@@ -30,18 +32,27 @@ def codes_of(run_dir, split: str) -> tuple[list[np.ndarray], np.ndarray]:
     return [g.numpy() for g in grids], labels.numpy()
 
 
-def test_stage2_extracts_the_same_codes_from_a_streamed_folder_without_a_data_cache(tmp_path):
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> tuple:
+    """One short stage 1 streamed from 200 PNGs in 2 class folders (decoding in 2 DataLoader workers, which
+    stage 2 and evaluate then use too: stage 1's data settings), and a copy whose checkpoints say
+    data.streaming=never (the same model, its data decoded up front); stage 2 run in both."""
+    tmp_path = tmp_path_factory.mktemp("streamed_stages")
     images = png_folder(tmp_path / "images", 200)
-    streamed = tmp_path / "streamed"
+    streamed, cached = tmp_path / "streamed", tmp_path / "cached"
     data = ["data.source=folder", f"data.path={images}", "data.image_size=16", "data.streaming=always",
-            "data.num_workers=2"]  # stage 2 decodes in 2 DataLoader workers too (stage 1's data settings)
+            "data.num_workers=2"]
     assert run(stage1, streamed, *data, *SHORT) == 0
-    cached = tmp_path / "cached"
     shutil.copytree(streamed, cached)
     decode_up_front(cached)
     assert run(stage2, streamed, *SHORT) == 0
-    assert not (streamed / "data" / "cache").exists()  # nothing decoded up front
     assert run(stage2, cached, *SHORT) == 0
+    return streamed, cached
+
+
+def test_stage2_extracts_the_same_codes_from_a_streamed_folder_without_a_data_cache(runs):
+    streamed, cached = runs
+    assert not (streamed / "data" / "cache").exists()  # nothing decoded up front
     assert (cached / "data" / "cache").is_dir()  # the control: this path does decode into the cache
     for split, n in (("train", 180), ("holdout", 20)):
         (s_codes, s_labels), (c_codes, c_labels) = codes_of(streamed, split), codes_of(cached, split)
@@ -49,3 +60,27 @@ def test_stage2_extracts_the_same_codes_from_a_streamed_folder_without_a_data_ca
         np.testing.assert_array_equal(s_labels, c_labels)
         for s, c in zip(s_codes, c_codes):
             np.testing.assert_array_equal(s, c)  # same files, same decoding, same batches: the same argmin
+
+
+def numbers(report, prefix="") -> dict[str, float]:
+    """Every number of a report by its path, but timings."""
+    if isinstance(report, dict):
+        return {k: v for key, x in report.items() if "seconds" not in key
+                for k, v in numbers(x, f"{prefix}{key}.").items()}
+    if isinstance(report, list):
+        return {k: v for i, x in enumerate(report) for k, v in numbers(x, f"{prefix}{i}.").items()}
+    is_number = isinstance(report, (int, float)) and not isinstance(report, bool)
+    return {prefix.rstrip("."): float(report)} if is_number else {}
+
+
+def test_evaluate_scores_a_streamed_run_as_the_decoded_one(runs, tmp_path):
+    streamed, cached = runs
+    for run_dir in runs:  # each its own statistics: streamed and decoded sets never share cached features
+        assert run(sample, run_dir, "sample.num=30") == 0
+        assert run(evaluate, run_dir, f"evaluate.reference_dir={tmp_path / 'reference'}") == 0
+    assert not (streamed / "data" / "cache").exists()
+    s, c = (numbers(json.loads((r / "eval" / "report.json").read_text())) for r in runs)
+    assert s.keys() == c.keys() and "fid" in s and "real_floor.fid" in s
+    tol = 32 * float(np.finfo(np.float32).eps)  # features are float32; the scores computed from them alike
+    for key in s:
+        assert s[key] == pytest.approx(c[key], rel=tol, abs=tol), key
