@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.data import ImageSet, read_batches, to_float
+from pipeline.data import ImageSet, to_float
 from pipeline.distributed import shard_batches
 from pipeline.vqvae import level_names
 
@@ -31,8 +31,8 @@ def reconstruction_stats(fabric, model, holdout: ImageSet, batch_size: int = 250
     sq_err = torch.zeros((), device=fabric.device, dtype=torch.float64)
     count = torch.zeros((), device=fabric.device, dtype=torch.float64)
     hist = torch.zeros(levels, k, device=fabric.device, dtype=torch.float64)
-    batches = list(shard_batches(len(holdout), rank, world, batch_size))
-    for (_, real), (pixels, _) in zip(batches, read_batches(holdout, [idx for idx, _ in batches])):
+    for idx, real in shard_batches(len(holdout), rank, world, batch_size):
+        pixels, _ = holdout.__getitems__(idx)
         x = to_float(fabric.to_device(pixels))
         out = model(x)  # every rank runs as many forward passes (FSDP gathers the weights in each)
         if not real:
