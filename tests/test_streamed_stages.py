@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pipeline.codes import CodeSet, load_manifest
+from stages import data as data_stage
 from stages import evaluate, sample, stage1, stage2
 from tests.conftest import run
 from tests.stream_helper import png_folder
@@ -84,3 +85,13 @@ def test_evaluate_scores_a_streamed_run_as_the_decoded_one(runs, tmp_path):
     tol = 32 * float(np.finfo(np.float32).eps)  # features are float32; the scores computed from them alike
     for key in s:
         assert s[key] == pytest.approx(c[key], rel=tol, abs=tol), key
+
+
+def test_the_data_stage_lists_a_streamed_folder_without_decoding_it_into_a_cache(tmp_path):
+    images = png_folder(tmp_path / "images", 40)
+    run_dir = tmp_path / "run"
+    assert run(data_stage, run_dir, "data.source=folder", f"data.path={images}", "data.image_size=16",
+               "data.streaming=always") == 0
+    summary = json.loads((run_dir / "data" / "summary.json").read_text())
+    assert (run_dir / "data" / "preview.png").is_file() and not (run_dir / "data" / "cache").exists()
+    assert summary["images"] == {"train": 36, "holdout": 4} and "streamed from the files" in summary["holdout_source"]
