@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.data import ImageSet, to_float
+from pipeline.data import ImageSet, read_batches, to_float
 from pipeline.distributed import ONE_PROCESS, on_every_rank, rank_zero_result
 from pipeline.io import UserError, atomic_save_npy, atomic_write_text
 
@@ -105,8 +105,9 @@ def _encode_range(model, images: ImageSet, start: int, stop: int, batch_size: in
     """(codes per level, labels) of images ``start .. stop``, batch by batch (``start`` is a batch boundary)."""
     from tqdm.auto import tqdm
 
-    for lo in tqdm(range(start, stop, batch_size), desc="extracting codes", leave=False, disable=not progress):
-        pixels, labels = images.__getitems__(list(range(lo, min(lo + batch_size, stop))))
+    batches = [list(range(lo, min(lo + batch_size, stop))) for lo in range(start, stop, batch_size)]
+    for pixels, labels in tqdm(read_batches(images, batches), total=len(batches), desc="extracting codes",
+                               leave=False, disable=not progress):
         codes = model.encode(to_float(pixels.to(device)))
         yield [c.cpu().numpy().astype(dtype) for c in codes], labels.numpy()
 

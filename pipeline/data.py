@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from pipeline.config import DataConfig
 from pipeline.decode import conversion_note, decode_image, fit_image, load_image_file  # noqa: F401 (re-exported)
@@ -49,6 +50,8 @@ class ImageSet(Dataset):
     """(uint8 pixels (C, S, S), label) pairs over a ``datasets.Dataset``; supports batched ``__getitems__``.
     Small sets are held as one tensor; large ones are read from the memory-mapped Arrow table."""
 
+    workers = 0  # reading is a copy out of memory or a memory map: worker processes would only add start-up
+
     def __init__(self, ds) -> None:
         self.ds = ds.with_format("numpy")
         shape = ds.features["pixels"].shape
@@ -73,6 +76,18 @@ class ImageSet(Dataset):
     def all_pixels(self, limit: int | None = None) -> torch.Tensor:
         n = len(self) if limit is None else min(limit, len(self))
         return self.__getitems__(list(range(n)))[0]
+
+
+def read_batches(images: Dataset, batches: list[list[int]]) -> Iterator[Any]:
+    """``images.__getitems__`` of each list of indices (for an image set: uint8 pixels, labels), in order, read by
+    ``images.workers`` DataLoader worker processes (files streamed by :class:`pipeline.streaming.FileImages`
+    decode in parallel; 0: in this process)."""
+    loader = DataLoader(images, batch_sampler=batches, collate_fn=_as_read, num_workers=images.workers)
+    yield from loader
+
+
+def _as_read(batch: Any) -> Any:
+    return batch  # ``__getitems__`` already made the batch
 
 
 def seeded_subset(images: ImageSet, n: int, seed: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ from pipeline.config import DataConfig
 from pipeline.data import IN_MEMORY_BYTES, ImageData, augment, split_indices, to_float
 from pipeline.decode import load_image_file
 from pipeline.io import UserError
-from pipeline.sources import UNREADABLE, FolderFiles, Prepared, list_folder, unreadable_reason
+from pipeline.sources import UNREADABLE, FolderFiles, Prepared, list_folder, signature, unreadable_reason
 
 
 def stream_listing(cfg: DataConfig) -> FolderFiles | None:
@@ -40,14 +40,16 @@ def stream_listing(cfg: DataConfig) -> FolderFiles | None:
 def load_stream_data(cfg: DataConfig, listed: FolderFiles) -> ImageData:
     """Train and held-out image files of a listed folder, decoded only when read: the folder's own held-out split
     or the seeded carve-out, the same files decoding up front would pick (but for unreadable files, which decoding
-    up front drops before splitting)."""
+    up front drops before splitting). Its signature (the key of cached real-image statistics) is the folder's,
+    marked as streamed: stats of the files and settings like decoding up front, never shared with that path,
+    whose sets differ when a file is unreadable."""
     own = listed.holdout_name
     files, labels = listed.files["train"], listed.labels["train"]
     train_idx, hold_idx, how = split_indices(len(files), len(listed.files[own]) if own else None, own, cfg)
     hold_files, hold_labels = (listed.files[own], listed.labels[own]) if own else (files, labels)
     train = FileImages([files[i] for i in train_idx], labels[train_idx], cfg)
     holdout = FileImages([hold_files[i] for i in hold_idx], hold_labels[hold_idx], cfg)
-    info = {**Prepared({}, listed.class_names, own).info(), "signature": "", "cached": False}
+    info = {**Prepared({}, listed.class_names, own).info(), "signature": f"streamed-{signature(cfg)}", "cached": False}
     names = listed.class_names
     return ImageData(train, holdout, len(names or []), names, cfg.channels, cfg.image_size,  # type: ignore[arg-type]
                      f"{how}; streamed from the files", info)
@@ -64,16 +66,18 @@ class UnreadableImage(UserError):
 
 class FileImages(Dataset):
     """(uint8 pixels (C, S, S), label) of image files decoded on access, as :class:`pipeline.data.ImageSet` gives
-    them from memory (the same ``__getitems__``, ``labels`` and ``all_pixels``). An unreadable file is replaced by
-    the next readable one (data.on_corrupt=skip, with a warning) or stops training (error). The paths are one numpy
-    byte array, not a list of strings: forked workers then share its pages instead of copying them as reference
-    counts change (https://github.com/pytorch/pytorch/issues/13246)."""
+    them from memory (the same ``__getitems__``, ``labels``, ``all_pixels``; ``pixels`` None as for a large set).
+    An unreadable file is replaced by the next readable one (data.on_corrupt=skip, with a warning) or stops
+    training (error). The paths are one numpy byte array, not a list of strings: forked workers then share its
+    pages instead of copying them as reference counts change (https://github.com/pytorch/pytorch/issues/13246)."""
 
     def __init__(self, files: list[Path], labels: np.ndarray, cfg: DataConfig) -> None:
         self.paths = np.array([os.fsencode(p) for p in files], dtype=np.bytes_)
         self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
         self.size, self.channels, self.on_corrupt = cfg.image_size, cfg.channels, cfg.on_corrupt
         self.background = ImageColor.getrgb(cfg.background)[:3]
+        self.workers = cfg.num_workers  # decoding processes where a stage reads many images (read_batches)
+        self.pixels = None  # as a large ImageSet: never held in memory as one tensor
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -1,7 +1,8 @@
 """Stage 0: prepare the data once and show it before training: RUN/data/summary.json (images per split and class,
 class names, the image modes found and what decoding did to each, skipped files with reasons, where the held-out
 images come from) and RUN/data/preview.png (the first training images of each class as training sees them).
-Stage 1 writes the same two files when this stage was not run.
+Stage 1 writes the same two files when this stage was not run. A folder that the stages stream (data.streaming) is
+only listed, not decoded into the cache: its summary then has no image modes, as stage 1's.
 
     python -m stages.data --config configs/mnist.yaml [key=value ...]
 """
@@ -12,11 +13,12 @@ import sys
 import torch
 
 from pipeline.config import Config
-from pipeline.data import ImageData, augment, data_summary, load_image_data, to_float, to_uint8
+from pipeline.data import ImageData, augment, data_summary, to_float, to_uint8
+from pipeline.distributed import ONE_PROCESS
 from pipeline.images import class_rows, grid_image, labelled_grid
 from pipeline.io import atomic_save_png, atomic_write_text
 from stages.cli import run_main, stage_parser
-from stages.runfolder import RunFolder
+from stages.runfolder import RunFolder, load_run_data
 
 PREVIEW_PER_CLASS = 12
 PREVIEW_UNLABELLED = 48
@@ -78,7 +80,7 @@ def summary_text(summary: dict) -> str:
 
 
 def run_data(cfg: Config, run: RunFolder) -> dict:
-    data = load_image_data(cfg.data, cache_dir=run.data_cache)
+    data = load_run_data(cfg.data, run, ONE_PROCESS)  # a streamed folder is listed, as stage 1 reads it
     summary = write_data_report(data, cfg, run)
     print(summary_text(summary))
     print(f"wrote {run.data_summary} and {run.data_preview}" + (" (images from the cache)"
@@ -89,7 +91,8 @@ def run_data(cfg: Config, run: RunFolder) -> dict:
 def main(argv=None) -> int:
     parser = stage_parser(
         "data",
-        "Prepare the data (cached in RUN/data/cache/ for the later stages) and write RUN/data/summary.json and "
+        "Prepare the data (cached in RUN/data/cache/ for the later stages; a streamed folder is only listed) and "
+        "write RUN/data/summary.json and "
         "RUN/data/preview.png: images per split and class, image modes and their conversion, skipped files.",
         ("data",),
         example="data.source=folder data.path=~/pictures data.channels=3",

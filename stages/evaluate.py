@@ -23,7 +23,7 @@ import torch
 
 from pipeline.codes import CodeSet, file_sha256
 from pipeline.config import Config, DataConfig
-from pipeline.data import ImageData, load_image_data, real_provenance, to_float, to_uint8
+from pipeline.data import ImageData, real_provenance, to_float, to_uint8
 from pipeline.distributed import on_rank_zero, rank_zero_first
 from pipeline.export import CARD, CONFIG, record_evaluation
 from pipeline.fabric import make_fabric
@@ -38,7 +38,7 @@ from pipeline.priors.likelihood import heldout_nll_bits
 from pipeline.samples import SampleSet
 from pipeline.vqvae import level_names
 from stages.cli import run_main, stage_parser
-from stages.runfolder import RunFolder, load_codes, load_priors, load_samples, load_vqvae
+from stages.runfolder import RunFolder, load_codes, load_priors, load_run_data, load_samples, load_vqvae
 
 
 def prior_nll(fabric, priors, codes_holdout: CodeSet, names: list[str]) -> dict[str, float]:
@@ -61,6 +61,7 @@ class RealImages:
 
     def __init__(self, data: ImageData, cfg: DataConfig, n: int) -> None:
         self.data, self.cfg, self.n = data, cfg, n
+        self.workers = data.train.workers  # decoding processes of streamed files (reference and floor read files)
         self.held = min(n, len(data.holdout))
         perm = np.random.default_rng(0).permutation(len(data.train))
         self.ref_idx, self.extra_idx = np.sort(perm[:n]), perm[n : n + n - self.held]
@@ -110,10 +111,10 @@ def extracted(fabric, extractor, e, real: RealImages, samples_of, recon_of, run:
     keep = e.gather_features or n
     about = {"extractor": extractor.name, "weights_sha256": extractor.fingerprint, "protocol": PROTOCOL[extractor.name]}
 
-    def real_set(what: str, pixels_of, total: int, provenance: dict, folder) -> Reduced:
+    def real_set(what: str, pixels_of, total: int, provenance: dict, folder, workers: int = real.workers) -> Reduced:
         meta = {**provenance, **about, "n": total, "kept": min(keep, total)}
         return cached_reduction(fabric, folder, meta, lambda: reduce_features(
-            fabric, extractor, pixels_of, total, bs, keep, f"{extractor.name}: {what}"), log)
+            fabric, extractor, pixels_of, total, bs, keep, f"{extractor.name}: {what}", workers), log)
 
     shared = reference_dir(e.reference_dir)
     out = {"ref": real_set("train reference", real.reference, n, real.provenance("train"), shared),
@@ -122,7 +123,7 @@ def extracted(fabric, extractor, e, real: RealImages, samples_of, recon_of, run:
     out["floor"] = real_set("real floor", real.floor, n, floor, shared)
     out["held"] = out["floor"] if h == n else real_set("held-out", real.floor, h, real.provenance("holdout"), shared)
     out["rec"] = real_set("reconstructions", recon_of, h, {**real.provenance("holdout"), "split": "recon",
-                                                          "stage1": stage1_sha}, run.reference_cache)
+                                                          "stage1": stage1_sha}, run.reference_cache, workers=0)
     return {**out, "seconds": time.perf_counter() - t0}
 
 
@@ -156,7 +157,7 @@ def run_evaluate(cfg: Config, run: RunFolder) -> dict | None:
     fabric = make_fabric(cfg.fabric)
     log = fabric.print
     on_rank_zero(fabric, samples.check)  # a missing or damaged shard stops every rank with one line, up front
-    data = rank_zero_first(fabric, lambda: load_image_data(cfg1.data, cache_dir=run.data_cache))
+    data = load_run_data(cfg1.data, run, fabric)
     kinds = [e.extractor] + (["domain"] if e.extractor == "inception" and e.domain_column else [])
     # rank 0 trains (or loads) and caches the domain classifier, or installs the Inception weights; then the others
     extractors = [rank_zero_first(fabric, lambda k=k: make_extractor(k, e, run.classifier, data, log=log))

@@ -4,7 +4,7 @@ No other module builds a run-folder path.
 
     RUN/
       config.yaml                  the resolved config of the latest stage-1 run
-      data/                        summary.json, preview.png, cache/ (the prepared images)
+      data/                        summary.json, preview.png, cache/ (the prepared images; none when streamed)
       .lock                        held while a stage runs here
       stage1/                      last.ckpt, best.ckpt, logs/, reconstructions.png
       codes/                       manifest.json + code shards (pipeline.codes)
@@ -23,12 +23,15 @@ from pathlib import Path
 
 from pipeline.checkpoint import BEST_CKPT, LAST_CKPT
 from pipeline.codes import CodeSet, file_sha256, load_manifest
-from pipeline.config import Config, config_from_dict
+from pipeline.config import Config, DataConfig, config_from_dict
 from pipeline.critic import vqvae_state_dict
+from pipeline.data import ImageData, load_image_data
+from pipeline.distributed import rank_zero_first
 from pipeline.io import UserError, load_checkpoint
 from pipeline.priors import Prior, normalize_spec, prior_from_spec
 from pipeline.sampler import Sampler
 from pipeline.samples import SampleSet, load_sample_set
+from pipeline.streaming import load_stream_data, stream_listing
 from pipeline.vqvae import VQVAE2, level_names
 
 
@@ -65,6 +68,17 @@ class RunFolder:
 
     def __str__(self) -> str:
         return str(self.root)
+
+
+def load_run_data(cfg: DataConfig, run: RunFolder, fabric) -> ImageData:
+    """The images of a run, as every stage reads them: streamed from the folder's files when stage 1 streams it
+    (``stream_listing``: every process lists the files, nothing is decoded up front or cached), else decoded
+    once into RUN/data/cache by rank 0 and read from there by the other ranks. Streamed sets decode in
+    data.num_workers DataLoader workers where a stage reads many images (``pipeline.data.read_batches``)."""
+    listed = stream_listing(cfg)
+    if listed is not None:
+        return load_stream_data(cfg, listed)
+    return rank_zero_first(fabric, lambda: load_image_data(cfg, cache_dir=run.data_cache))
 
 
 def run_first(run: RunFolder, stage: str, *args: str) -> str:

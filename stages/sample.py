@@ -16,7 +16,6 @@ import torch
 from pipeline.card import today
 from pipeline.checkpoint import LAST_CKPT
 from pipeline.config import Config
-from pipeline.data import load_image_data
 from pipeline.distributed import gather_rows, on_every_rank, on_rank_zero, rank_zero_first, shard_indices
 from pipeline.fabric import make_fabric
 from pipeline.images import grid_image, labelled_grid
@@ -27,7 +26,7 @@ from pipeline.sampler import Samples
 from pipeline.samples import MANIFEST, SampleSet, commit, manifest_of, write_shard
 from pipeline.sampling import is_guided
 from stages.cli import run_main, stage_parser
-from stages.runfolder import RunFolder, build_sampler, trained_checkpoint
+from stages.runfolder import RunFolder, build_sampler, load_run_data, trained_checkpoint
 
 
 def sampling_settings(cfg: Config) -> dict:
@@ -151,7 +150,7 @@ def rejection_classifier(cfg: Config, run: RunFolder, cfg1: Config, sampler, fab
     if not sampler.num_classes or str(cfg.sample.labels).strip().lower() == "none":
         raise UserError("sample.accept / sample.threshold keep samples typical of their asked class: they need a "
                         "class-conditional prior and labels (not labels=none)")
-    data = rank_zero_first(fabric, lambda: load_image_data(cfg1.data, cache_dir=run.data_cache))
+    data = load_run_data(cfg1.data, run, fabric)
     extractor, _ = rank_zero_first(fabric, lambda: make_extractor("domain", cfg.evaluate, run.classifier, data,
                                                                   log=fabric.print))
     extractor.module.to(fabric.device)

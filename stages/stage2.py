@@ -13,8 +13,6 @@ import torch
 from pipeline.checkpoint import LAST_CKPT, resume_point, saved_state
 from pipeline.codes import CodeSet, extract_codes
 from pipeline.config import Config, config_diff
-from pipeline.data import load_image_data
-from pipeline.distributed import rank_zero_first
 from pipeline.fabric import make_fabric, make_loggers
 from pipeline.io import UserError, atomic_write_text, load_checkpoint
 from pipeline.priors import normalize_spec, prior_from_spec, prior_spec
@@ -22,7 +20,7 @@ from pipeline.priors.likelihood import LN2, heldout_nll_bits, nll_sum, prior_con
 from pipeline.training import Task, fit
 from pipeline.vqvae import level_names
 from stages.cli import run_main, stage_parser
-from stages.runfolder import RunFolder, check_resumable, load_vqvae
+from stages.runfolder import RunFolder, check_resumable, load_run_data, load_vqvae
 
 
 def spec_diff(old: dict, new: dict) -> list[str]:
@@ -68,8 +66,8 @@ def run_stage2(cfg: Config, run: RunFolder, fresh: bool = False) -> dict:
     names = level_names(vqvae.levels)
     fabric = make_fabric(cfg.fabric, loggers=make_loggers(run.stage2))
 
-    # every rank encodes its own part of the images (rank 0 prepares stage 1's data cache first)
-    data = rank_zero_first(fabric, lambda: load_image_data(cfg1.data, cache_dir=run.data_cache))
+    # every rank encodes its own part of the images (streamed, or from stage 1's data cache that rank 0 prepares)
+    data = load_run_data(cfg1.data, run, fabric)
     meta = load_checkpoint(stage1_path)["meta"]  # class names: older checkpoints have only their number
     class_names = meta.get("class_names") or ([str(i) for i in range(meta["num_classes"])]
                                               if meta.get("num_classes") else None)

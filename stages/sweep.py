@@ -12,7 +12,7 @@ import time
 import torch
 
 from pipeline.config import Config
-from pipeline.data import load_image_data, real_provenance, seeded_subset
+from pipeline.data import real_provenance, seeded_subset
 from pipeline.distributed import gather_rows, on_rank_zero, rank_zero_first, shard_indices
 from pipeline.fabric import make_fabric
 from pipeline.io import atomic_write_text
@@ -21,7 +21,7 @@ from pipeline.metrics.extract import features_of, make_extractor, reference_feat
 from pipeline.metrics.report import per_class_accuracy, sweep_plot
 from pipeline.rejection import asked_class_probability, candidates_for, select_accepted
 from stages.cli import run_main, stage_parser
-from stages.runfolder import RunFolder, build_sampler
+from stages.runfolder import RunFolder, build_sampler, load_run_data
 
 
 def sweep_settings(cfg: Config) -> list[dict]:
@@ -46,7 +46,7 @@ def run_sweep(cfg: Config, run: RunFolder) -> list[dict] | None:
     sampler, cfg1 = build_sampler(run)
     fabric = make_fabric(cfg.fabric)
     sampler = sampler.to(fabric.device)
-    data = rank_zero_first(fabric, lambda: load_image_data(cfg1.data, cache_dir=run.data_cache))
+    data = load_run_data(cfg1.data, run, fabric)
     # rank 0 trains (or loads) and caches the domain classifier, then the others load that file
     extractor, _ = rank_zero_first(fabric, lambda: make_extractor(cfg.sweep.extractor, cfg.evaluate, run.classifier,
                                                                   data, log=fabric.print))

@@ -79,7 +79,7 @@ def train_classifier(train: ImageSet, holdout: ImageSet, num_classes: int, steps
                         "use evaluate.extractor=inception for unlabelled data")
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    model = DomainClassifier(train.pixels.shape[1] if train.pixels is not None else 3, num_classes)
+    model = DomainClassifier(train[0][0].shape[0], num_classes)  # channels of the first image: any image set
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
     model.train()

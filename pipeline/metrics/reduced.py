@@ -20,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
+from pipeline.data import read_batches
 from pipeline.distributed import gather_rows, shard_indices
 from pipeline.io import atomic_savez
 from pipeline.metrics.moments import Moments, ScoreSums, all_reduced, split_of
@@ -45,19 +47,32 @@ def splits_for(n: int) -> int:
     return 10 if n >= 100 else 1
 
 
+class PixelsOf(Dataset):
+    """``pixels_of`` as a dataset of batches, for :func:`pipeline.data.read_batches` (in ``workers`` processes)."""
+
+    def __init__(self, pixels_of: Callable[[list[int]], torch.Tensor], workers: int) -> None:
+        self.pixels_of, self.workers = pixels_of, workers
+
+    def __getitems__(self, indices: list[int]) -> torch.Tensor:
+        return self.pixels_of(indices)
+
+
 def reduce_features(fabric, extractor, pixels_of: Callable[[list[int]], torch.Tensor], total: int,
-                    batch_size: int, keep: int, desc: str = "features") -> Reduced:
+                    batch_size: int, keep: int, desc: str = "features", workers: int = 0) -> Reduced:
     """The statistics of images ``0 .. total - 1``; this rank runs ``extractor`` on its share
-    (``shard_indices``) only, reading each batch with ``pixels_of(indices)`` (uint8 (B, C, H, W))."""
+    (``shard_indices``) only, reading each batch with ``pixels_of(indices)`` (uint8 (B, C, H, W)), in ``workers``
+    DataLoader processes when it decodes files (streamed images; never a ``pixels_of`` that runs a model)."""
     from tqdm.auto import tqdm
 
     mine, splits = shard_indices(total, fabric.global_rank, fabric.world_size), splits_for(total)
     keep = min(keep, total)
     moments = scores = None
     kept, predicted = [], []
-    for start in tqdm(range(0, len(mine), batch_size), desc=desc, leave=False, disable=fabric.global_rank != 0):
-        chunk = mine[start : start + batch_size]
-        f, logits = extractor(fabric.to_device(pixels_of(chunk)))
+    chunks = [list(mine[start : start + batch_size]) for start in range(0, len(mine), batch_size)]
+    batches = read_batches(PixelsOf(pixels_of, workers), chunks)
+    for chunk, pixels in tqdm(zip(chunks, batches), total=len(chunks), desc=desc, leave=False,
+                              disable=fabric.global_rank != 0):
+        f, logits = extractor(fabric.to_device(pixels))
         f = f.float().cpu()  # (B, D)
         moments = moments or Moments.zeros(f.shape[1])
         moments.add(f)
