@@ -134,40 +134,8 @@ class GPTPrior(Prior):
         self.prefix_len = 1 + prefix_codes
         self.n_positions = self.prefix_len - 1 + self.seq_len  # positions the network ever sees
 
-        common = dict(
-            vocab_size=self.vocab_size,
-            bos_token_id=self.null_token,
-            eos_token_id=None,
-            pad_token_id=None,  # fixed-length sequences, no padding (and no "pad id == start id" warning)
-            use_cache=True,
-        )
-        if arch == "gpt2":
-            config = GPT2Config(
-                n_positions=self.n_positions,
-                n_embd=n_embd,
-                n_layer=n_layer,
-                n_head=n_head,
-                resid_pdrop=dropout,
-                embd_pdrop=dropout,
-                attn_pdrop=dropout,
-                **common,
-            )
-            model_cls = GPT2LMHeadModel
-        else:
-            # SwiGLU width ~ 8/3 * n_embd (rounded up to a multiple of 32): ~ the parameters of a 4x GELU MLP
-            intermediate = 32 * math.ceil(8 * n_embd / 3 / 32)
-            config = LlamaConfig(
-                hidden_size=n_embd,
-                intermediate_size=intermediate,
-                num_hidden_layers=n_layer,
-                num_attention_heads=n_head,
-                num_key_value_heads=n_head,
-                max_position_embeddings=self.n_positions,
-                attention_dropout=dropout,
-                tie_word_embeddings=False,
-                **common,
-            )
-            model_cls = LlamaForCausalLM
+        config, model_cls = _network_config(arch, self.vocab_size, self.null_token, self.n_positions, n_layer,
+                                            n_embd, n_head, dropout)
         self.model = model_cls._from_config(config, attn_implementation="sdpa")
         if cond_window:
             self.window_embed = nn.EmbeddingBag(cond_window**2 * (self.cond_num_codes + 1), n_embd, mode="sum")
@@ -299,3 +267,23 @@ class GPTPrior(Prior):
         else:  # baseline: recompute the whole sequence so far
             out = self.model(**self._inputs(state.tokens, state.window, 0), use_cache=False, logits_to_keep=1)
         return self._code_logits(out.logits[:, -1])
+
+
+def _network_config(arch: str, vocab_size: int, bos: int, n_positions: int, n_layer: int, n_embd: int,
+                    n_head: int, dropout: float):
+    """The ``transformers`` config and model class of a GPT prior's network: GPT-2 or Llama."""
+    common = dict(
+        vocab_size=vocab_size,
+        bos_token_id=bos,
+        eos_token_id=None,
+        pad_token_id=None,  # fixed-length sequences, no padding (and no "pad id == start id" warning)
+        use_cache=True,
+    )
+    if arch == "gpt2":
+        return GPT2Config(n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+                          resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, **common), GPT2LMHeadModel
+    # SwiGLU width ~ 8/3 * n_embd (rounded up to a multiple of 32): ~ the parameters of a 4x GELU MLP
+    intermediate = 32 * math.ceil(8 * n_embd / 3 / 32)
+    return LlamaConfig(hidden_size=n_embd, intermediate_size=intermediate, num_hidden_layers=n_layer,
+                       num_attention_heads=n_head, num_key_value_heads=n_head, max_position_embeddings=n_positions,
+                       attention_dropout=dropout, tie_word_embeddings=False, **common), LlamaForCausalLM
