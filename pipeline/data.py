@@ -46,7 +46,19 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 
 
-class ImageSet(Dataset):
+class IndexedImages(Dataset):
+    """What every image set gives on top of its batched ``__getitems__``: one item, and the first images."""
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels, labels = self.__getitems__([index])
+        return pixels[0], labels[0]
+
+    def all_pixels(self, limit: int | None = None) -> torch.Tensor:
+        n = len(self) if limit is None else min(limit, len(self))
+        return self.__getitems__(list(range(n)))[0]
+
+
+class ImageSet(IndexedImages):
     """(uint8 pixels (C, S, S), label) pairs over a ``datasets.Dataset``; supports batched ``__getitems__``.
     Small sets are held as one tensor; large ones are read from the memory-mapped Arrow table."""
 
@@ -68,14 +80,6 @@ class ImageSet(Dataset):
         if self.pixels is not None:
             return self.pixels[idx], self.labels[idx]
         return torch.from_numpy(np.asarray(self.ds[list(indices)]["pixels"], np.uint8)), self.labels[idx]
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        pixels, labels = self.__getitems__([index])
-        return pixels[0], labels[0]
-
-    def all_pixels(self, limit: int | None = None) -> torch.Tensor:
-        n = len(self) if limit is None else min(limit, len(self))
-        return self.__getitems__(list(range(n)))[0]
 
 
 def read_batches(images: Dataset, batches: list[list[int]]) -> Iterator[Any]:

@@ -20,7 +20,7 @@ from PIL import ImageColor
 from torch.utils.data import Dataset
 
 from pipeline.config import DataConfig
-from pipeline.data import IN_MEMORY_BYTES, ImageData, augment, split_indices, to_float
+from pipeline.data import IN_MEMORY_BYTES, ImageData, IndexedImages, augment, split_indices, to_float
 from pipeline.decode import load_image_file
 from pipeline.io import UserError
 from pipeline.sources import UNREADABLE, FolderFiles, Prepared, list_folder, signature, unreadable_reason
@@ -64,7 +64,7 @@ class UnreadableImage(UserError):
         super().__init__(message.rstrip().rsplit(f"{type(self).__name__}: ", 1)[-1])
 
 
-class FileImages(Dataset):
+class FileImages(IndexedImages):
     """(uint8 pixels (C, S, S), label) of image files decoded on access, as :class:`pipeline.data.ImageSet` gives
     them from memory (the same ``__getitems__``, ``labels``, ``all_pixels``; ``pixels`` None as for a large set).
     An unreadable file is replaced by the next readable one (data.on_corrupt=skip, with a warning) or stops
@@ -100,14 +100,6 @@ class FileImages(Dataset):
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         pixels, read = zip(*(self.read(int(i)) for i in indices))
         return torch.from_numpy(np.stack(pixels)), self.labels[list(read)]
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        pixels, labels = self.__getitems__([index])
-        return pixels[0], labels[0]
-
-    def all_pixels(self, limit: int | None = None) -> torch.Tensor:
-        n = len(self) if limit is None else min(limit, len(self))
-        return self.__getitems__(list(range(n)))[0]
 
 
 class StreamedTraining(Dataset):
