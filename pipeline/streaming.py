@@ -64,6 +64,34 @@ class UnreadableImage(UserError):
         super().__init__(message.rstrip().rsplit(f"{type(self).__name__}: ", 1)[-1])
 
 
+def decode_or_skip(source: str | bytes | dict, where: str, size: int, channels: int, background: tuple,
+                   on_corrupt: str) -> np.ndarray | None:
+    """One image (a path, bytes or a ``datasets`` image dict; ``where`` names it, "" for a path) decoded and fitted
+    as training sees it, in whichever process reads it; None when it is unreadable and data.on_corrupt=skip (warned:
+    the caller reads the next one in its place), :class:`UnreadableImage` when on_corrupt=error."""
+    where = where or str(source)
+    try:
+        return load_image_file(source, size, channels, background)
+    except UNREADABLE as err:
+        if on_corrupt == "error":
+            raise UnreadableImage(f"cannot read image {where}: {unreadable_reason(err)}; fix or remove it, "
+                                  "or set data.on_corrupt=skip") from None
+        warnings.warn(f"skipped unreadable image {where}: {unreadable_reason(err)} (data.on_corrupt=skip); "
+                      "the next readable one is used in its place", stacklevel=3)
+        return None
+
+
+def augmented_floats(pixels: torch.Tensor, hflip: bool, crop_scale: float, seed_parts: list[int]) -> torch.Tensor:
+    """A streamed training batch: uint8 pixels (N, C, S, S) -> floats in [-1, 1], augmented (data.hflip,
+    data.crop_scale) by a generator seeded by ``seed_parts`` (where the batch is in the stream), never by the
+    worker's RNG: the same whichever worker makes it, and a resumed run draws what the uninterrupted one did."""
+    x = to_float(pixels)  # (N, C, S, S)
+    if hflip or crop_scale < 1:
+        seed = int(np.random.SeedSequence(seed_parts).generate_state(1)[0])
+        x = augment(x, hflip, crop_scale, generator=torch.Generator().manual_seed(seed))
+    return x
+
+
 class FileImages(IndexedImages):
     """(uint8 pixels (C, S, S), label) of image files decoded on access, as :class:`pipeline.data.ImageSet` gives
     them from memory (the same ``__getitems__``, ``labels``, ``all_pixels``; ``pixels`` None as for a large set).
@@ -86,15 +114,10 @@ class FileImages(IndexedImages):
         """The pixels of file ``index``, or of the first readable file after it; and which file was read."""
         for tried in range(len(self)):
             j = (index + tried) % len(self)
-            path = os.fsdecode(self.paths[j])
-            try:
-                return load_image_file(path, self.size, self.channels, self.background), j
-            except UNREADABLE as err:
-                if self.on_corrupt == "error":
-                    raise UnreadableImage(f"cannot read image {path}: {unreadable_reason(err)}; fix or remove it, "
-                                          "or set data.on_corrupt=skip") from None
-                warnings.warn(f"skipped unreadable image {path}: {unreadable_reason(err)} (data.on_corrupt=skip); "
-                              "the next readable file is used in its place", stacklevel=2)
+            pixels = decode_or_skip(os.fsdecode(self.paths[j]), "", self.size, self.channels, self.background,
+                                    self.on_corrupt)
+            if pixels is not None:
+                return pixels, j
         raise UserError(f"none of the {len(self)} image files can be read; check data.path")
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,9 +140,5 @@ class StreamedTraining(Dataset):
 
     def __getitems__(self, picks: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         pixels, labels = self.images.__getitems__([index for index, _ in picks])
-        x = to_float(pixels)  # (N, C, S, S)
-        if self.hflip or self.crop_scale < 1:
-            first, epoch = picks[0]
-            seed = int(np.random.SeedSequence([self.seed, epoch, first]).generate_state(1)[0])
-            x = augment(x, self.hflip, self.crop_scale, generator=torch.Generator().manual_seed(seed))
-        return x, labels
+        first, epoch = picks[0]
+        return augmented_floats(pixels, self.hflip, self.crop_scale, [self.seed, epoch, first]), labels
