@@ -55,13 +55,17 @@ def load_stream_data(cfg: DataConfig, listed: FolderFiles) -> ImageData:
                      f"{how}; streamed from the files", info)
 
 
-class UnreadableImage(UserError):
-    """An unreadable image with data.on_corrupt=error, raised in a DataLoader worker. The loader raises it again in
-    the training process as ``UnreadableImage("Caught ... in DataLoader worker ... Original Traceback ...
-    UnreadableImage: <message>")``; only the message is kept, so the user still sees one line."""
+class WorkerUserError(UserError):
+    """A user-caused failure raised in a DataLoader worker. The loader raises it again in the training process as
+    ``<its class>("Caught ... in DataLoader worker ... Original Traceback ... <its class>: <message>")``; only the
+    message is kept, so the user still sees one line."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message.rstrip().rsplit(f"{type(self).__name__}: ", 1)[-1])
+
+
+class UnreadableImage(WorkerUserError):
+    """An unreadable image with data.on_corrupt=error, raised where it is decoded (often a DataLoader worker)."""
 
 
 def decode_or_skip(source: str | bytes | dict, where: str, size: int, channels: int, background: tuple,
@@ -92,37 +96,51 @@ def augmented_floats(pixels: torch.Tensor, hflip: bool, crop_scale: float, seed_
     return x
 
 
-class FileImages(IndexedImages):
-    """(uint8 pixels (C, S, S), label) of image files decoded on access, as :class:`pipeline.data.ImageSet` gives
-    them from memory (the same ``__getitems__``, ``labels``, ``all_pixels``; ``pixels`` None as for a large set).
-    An unreadable file is replaced by the next readable one (data.on_corrupt=skip, with a warning) or stops
-    training (error). The paths are one numpy byte array, not a list of strings: forked workers then share its
-    pages instead of copying them as reference counts change (https://github.com/pytorch/pytorch/issues/13246)."""
+class DecodedOnAccess(IndexedImages):
+    """(uint8 pixels (C, S, S), label) of images decoded on access, as :class:`pipeline.data.ImageSet` gives them
+    from memory (the same ``__getitems__``, ``labels``, ``all_pixels``; ``pixels`` None as for a large set). An
+    unreadable image is replaced by the next readable one (data.on_corrupt=skip, with a warning) or stops (error).
+    Subclasses give :meth:`source` (what image ``j`` is read from) and ``__len__``."""
 
-    def __init__(self, files: list[Path], labels: np.ndarray, cfg: DataConfig) -> None:
-        self.paths = np.array([os.fsencode(p) for p in files], dtype=np.bytes_)
+    def __init__(self, labels: np.ndarray, cfg: DataConfig) -> None:
         self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
         self.size, self.channels, self.on_corrupt = cfg.image_size, cfg.channels, cfg.on_corrupt
         self.background = ImageColor.getrgb(cfg.background)[:3]
         self.workers = cfg.num_workers  # decoding processes where a stage reads many images (read_batches)
         self.pixels = None  # as a large ImageSet: never held in memory as one tensor
 
-    def __len__(self) -> int:
-        return len(self.paths)
+    def source(self, j: int) -> tuple[str | bytes | dict, str]:
+        """What image ``j`` is decoded from, and its name in messages ("": the path names it)."""
+        raise NotImplementedError
 
     def read(self, index: int) -> tuple[np.ndarray, int]:
-        """The pixels of file ``index``, or of the first readable file after it; and which file was read."""
+        """The pixels of image ``index``, or of the first readable one after it; and which image was read."""
         for tried in range(len(self)):
             j = (index + tried) % len(self)
-            pixels = decode_or_skip(os.fsdecode(self.paths[j]), "", self.size, self.channels, self.background,
-                                    self.on_corrupt)
+            pixels = decode_or_skip(*self.source(j), self.size, self.channels, self.background, self.on_corrupt)
             if pixels is not None:
                 return pixels, j
-        raise UserError(f"none of the {len(self)} image files can be read; check data.path")
+        raise UserError(f"none of the {len(self)} images can be read; check data.path or data.name")
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         pixels, read = zip(*(self.read(int(i)) for i in indices))
         return torch.from_numpy(np.stack(pixels)), self.labels[list(read)]
+
+
+class FileImages(DecodedOnAccess):
+    """Image files decoded on access. The paths are one numpy byte array, not a list of strings: forked workers then
+    share its pages instead of copying them as reference counts change
+    (https://github.com/pytorch/pytorch/issues/13246)."""
+
+    def __init__(self, files: list[Path], labels: np.ndarray, cfg: DataConfig) -> None:
+        super().__init__(labels, cfg)
+        self.paths = np.array([os.fsencode(p) for p in files], dtype=np.bytes_)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def source(self, j: int) -> tuple[str, str]:
+        return os.fsdecode(self.paths[j]), ""
 
 
 class StreamedTraining(Dataset):
