@@ -46,7 +46,8 @@ class DataConfig:
     crop_scale: float = 1.0  # stage-1 training only: random resized crop keeping >= this share of the area (1 = off)
     num_proc: int = 0  # processes that decode a large image set (0 = one per core)
     num_workers: int = 0  # DataLoader worker processes (with streaming: the processes that decode and augment)
-    streaming: str = "auto"  # stage 1, folder: always (decode in the loader, a shard per rank) | never | auto (> 2 GiB)
+    streaming: str = "auto"  # folder or hub: always (decode in the loader, a part per rank) | never | auto (> 2 GiB)
+    stream_holdout: int = 5000  # a streamed Hub dataset: held-out images, the first N of its own held-out split
 
 
 @dataclass
@@ -573,8 +574,12 @@ def _validate_data(d: DataConfig, v: VQVAEConfig) -> None:
            "a colour name (white), #rrggbb or rgb(r, g, b)")
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
     _check_choice("data.streaming", d.streaming, ("auto", "always", "never"))
-    _check(d.streaming != "always" or d.source == "folder", "data.streaming", d.streaming,
-           f"streams only from an image folder (data.source=folder, not {d.source}); use auto or never")
+    _check(d.streaming != "always" or d.source in ("folder", "hub"), "data.streaming", d.streaming,
+           f"streams only from an image folder or a Hub dataset (data.source=folder or hub, not {d.source}); use "
+           "auto or never")
+    _check(d.stream_holdout >= 1, "data.stream_holdout", d.stream_holdout, "must be >= 1")
+    _check(not (d.max_images and d.streaming == "always" and d.source == "hub"), "data.max_images", d.max_images,
+           "a streamed Hub dataset reads its whole training split; set data.max_images=0 or data.streaming=never")
 
 
 def _validate_strides(v: VQVAEConfig) -> None:

@@ -115,6 +115,17 @@ class ImageData:
     def skipped(self) -> int:
         return len(self.prepared["skipped"])
 
+    @property
+    def train_images(self) -> int | None:
+        """How many training images; a stream (no ``__len__``) counts them by its metadata, None when it does not."""
+        return len(self.train) if hasattr(self.train, "__len__") else getattr(self.train, "count", None)
+
+    @property
+    def first_images(self) -> IndexedImages:
+        """Where the first images of the data come from (the preview): the training set, or the held-out set when
+        training is a stream without random access."""
+        return self.train if hasattr(self.train, "__getitems__") else self.holdout
+
 
 def load_image_data(cfg: DataConfig, cache_dir: Path | None = None) -> ImageData:
     """Load the configured source (prepared once and kept in ``cache_dir`` when given) and split it into train and
@@ -213,7 +224,7 @@ def data_summary(data: ImageData, cfg: DataConfig) -> dict[str, Any]:
     """What the data is, as JSON: images per split and class, class names, the modes found and what decoding did to
     each, skipped files with reasons, and where the held-out images come from."""
     def per_class(images: ImageSet) -> dict[str, int] | None:
-        if not data.class_names:
+        if not data.class_names or not hasattr(images, "labels"):  # a stream's labels are not known before reading
             return None
         counts = np.bincount(images.labels.numpy(), minlength=data.num_classes)
         return {name: int(c) for name, c in zip(data.class_names, counts)}
@@ -222,7 +233,7 @@ def data_summary(data: ImageData, cfg: DataConfig) -> dict[str, Any]:
     return {
         "source": {k: getattr(cfg, k) for k in ("source", "name", "path", "split", "holdout_split") if getattr(cfg, k)},
         "image_size": data.image_size, "channels": data.channels,
-        "images": {"train": len(data.train), "holdout": len(data.holdout)},
+        "images": {"train": data.train_images, "holdout": len(data.holdout)},
         "holdout_source": data.holdout_source,
         "class_names": data.class_names,
         "per_class": {"train": per_class(data.train), "holdout": per_class(data.holdout)},

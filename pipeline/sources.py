@@ -360,6 +360,39 @@ def folder_classes(root: Path, files: list[Path], shown: str, single_ok: bool = 
     return names
 
 
+def hub_error(cfg: DataConfig, err: Exception) -> UserError:
+    """A Hub dataset that cannot be opened (network, a missing dataset or data files, a bad split): one line."""
+    return UserError(f"could not load data.name={cfg.name} split={cfg.split} from the Hugging Face Hub "
+                     f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); check the name and the network "
+                     "(or that the local folder holds the dataset's parquet files), or use data.source=folder")
+
+
+def hub_holdout(cfg: DataConfig, splits: list[str]) -> str:
+    """The split a Hub dataset with ``splits`` holds out (data.holdout_split), "" for the seeded carve-out; a
+    data.split or data.holdout_split it does not have is one line."""
+    if cfg.split not in splits:
+        raise UserError(f"data.split={cfg.split} is not a split of {cfg.name}; it has {', '.join(splits)}")
+    want = cfg.holdout_split
+    found = [n for n in HOLDOUT_NAMES if n in splits and n != cfg.split] if want == "auto" else (
+        [] if want == "none" else [want] if want in splits else None)
+    if found is None:
+        raise UserError(f"data.holdout_split={want} is not a split of {cfg.name}; it has {', '.join(splits)}")
+    return found[0] if found else ""
+
+
+def hub_columns(cfg: DataConfig, features) -> tuple[str, list[str] | None]:
+    """(the label column, "" when the dataset has none; the class names from its ``ClassLabel`` or data.class_names,
+    None when neither gives them). A missing image column is one line."""
+    columns = list(features)
+    if cfg.image_key not in columns:
+        raise UserError(f"data.image_key={cfg.image_key} is not a column of {cfg.name}; columns: "
+                        f"{', '.join(columns)}")
+    label_key = cfg.label_key if cfg.label_key in columns else ""
+    feature = features.get(label_key) if label_key else None
+    names = list(getattr(feature, "names", None) or []) or list(cfg.class_names)
+    return label_key, names or None
+
+
 def _hub(cfg: DataConfig) -> Prepared:
     import datasets
 
@@ -369,26 +402,14 @@ def _hub(cfg: DataConfig) -> Prepared:
         else:
             dd = datasets.load_dataset(cfg.name)
     except Exception as err:  # network, missing dataset, bad split: one line for the user
-        raise UserError(f"could not load data.name={cfg.name} split={cfg.split} from the Hugging Face Hub "
-                        f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); check the name and the "
-                        "network, or use data.source=folder") from None
-    if cfg.split not in dd:
-        raise UserError(f"data.split={cfg.split} is not a split of {cfg.name}; it has {', '.join(dd)}")
-    want = cfg.holdout_split
-    found = [n for n in HOLDOUT_NAMES if n in dd and n != cfg.split] if want == "auto" else (
-        [] if want == "none" else [want] if want in dd else None)
-    if found is None:
-        raise UserError(f"data.holdout_split={want} is not a split of {cfg.name}; it has {', '.join(dd)}")
+        raise hub_error(cfg, err) from None
+    own = hub_holdout(cfg, list(dd))
     train = dd[cfg.split]
-    if cfg.image_key not in train.column_names:
-        raise UserError(f"data.image_key={cfg.image_key} is not a column of {cfg.name}; columns: "
-                        f"{', '.join(train.column_names)}")
-    label_key = cfg.label_key if cfg.label_key in train.column_names else ""
-    feature = train.features.get(label_key) if label_key else None
-    names = (list(getattr(feature, "names", None) or []) or list(cfg.class_names)
-             or ([str(i) for i in range(int(max(train[label_key])) + 1)] if label_key else None))
-    prepared = Prepared({}, names, holdout_name=found[0] if found else "")
-    for split in ("train", *found[:1]):
+    label_key, names = hub_columns(cfg, train.features)
+    if names is None and label_key:
+        names = [str(i) for i in range(int(max(train[label_key])) + 1)]
+    prepared = Prepared({}, names, holdout_name=own)
+    for split in ("train", *([own] if own else [])):
         ds = dd[cfg.split if split == "train" else split]
         prepared.splits[split] = _decode_column(ds, cfg, cfg.image_key, label_key, prepared)
     return prepared

@@ -55,51 +55,92 @@ def load_stream_data(cfg: DataConfig, listed: FolderFiles) -> ImageData:
                      f"{how}; streamed from the files", info)
 
 
-class UnreadableImage(UserError):
-    """An unreadable image with data.on_corrupt=error, raised in a DataLoader worker. The loader raises it again in
-    the training process as ``UnreadableImage("Caught ... in DataLoader worker ... Original Traceback ...
-    UnreadableImage: <message>")``; only the message is kept, so the user still sees one line."""
+class WorkerUserError(UserError):
+    """A user-caused failure raised in a DataLoader worker. The loader raises it again in the training process as
+    ``<its class>("Caught ... in DataLoader worker ... Original Traceback ... <its class>: <message>")``; only the
+    message is kept, so the user still sees one line."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message.rstrip().rsplit(f"{type(self).__name__}: ", 1)[-1])
 
 
-class FileImages(IndexedImages):
-    """(uint8 pixels (C, S, S), label) of image files decoded on access, as :class:`pipeline.data.ImageSet` gives
-    them from memory (the same ``__getitems__``, ``labels``, ``all_pixels``; ``pixels`` None as for a large set).
-    An unreadable file is replaced by the next readable one (data.on_corrupt=skip, with a warning) or stops
-    training (error). The paths are one numpy byte array, not a list of strings: forked workers then share its
-    pages instead of copying them as reference counts change (https://github.com/pytorch/pytorch/issues/13246)."""
+class UnreadableImage(WorkerUserError):
+    """An unreadable image with data.on_corrupt=error, raised where it is decoded (often a DataLoader worker)."""
 
-    def __init__(self, files: list[Path], labels: np.ndarray, cfg: DataConfig) -> None:
-        self.paths = np.array([os.fsencode(p) for p in files], dtype=np.bytes_)
+
+def decode_or_skip(source: str | bytes | dict, where: str, size: int, channels: int, background: tuple,
+                   on_corrupt: str) -> np.ndarray | None:
+    """One image (a path, bytes or a ``datasets`` image dict; ``where`` names it, "" for a path) decoded and fitted
+    as training sees it, in whichever process reads it; None when it is unreadable and data.on_corrupt=skip (warned:
+    the caller reads the next one in its place), :class:`UnreadableImage` when on_corrupt=error."""
+    where = where or str(source)
+    try:
+        return load_image_file(source, size, channels, background)
+    except UNREADABLE as err:
+        if on_corrupt == "error":
+            raise UnreadableImage(f"cannot read image {where}: {unreadable_reason(err)}; fix or remove it, "
+                                  "or set data.on_corrupt=skip") from None
+        warnings.warn(f"skipped unreadable image {where}: {unreadable_reason(err)} (data.on_corrupt=skip); "
+                      "the next readable one is used in its place", stacklevel=3)
+        return None
+
+
+def augmented_floats(pixels: torch.Tensor, hflip: bool, crop_scale: float, seed_parts: list[int]) -> torch.Tensor:
+    """A streamed training batch: uint8 pixels (N, C, S, S) -> floats in [-1, 1], augmented (data.hflip,
+    data.crop_scale) by a generator seeded by ``seed_parts`` (where the batch is in the stream), never by the
+    worker's RNG: the same whichever worker makes it, and a resumed run draws what the uninterrupted one did."""
+    x = to_float(pixels)  # (N, C, S, S)
+    if hflip or crop_scale < 1:
+        seed = int(np.random.SeedSequence(seed_parts).generate_state(1)[0])
+        x = augment(x, hflip, crop_scale, generator=torch.Generator().manual_seed(seed))
+    return x
+
+
+class DecodedOnAccess(IndexedImages):
+    """(uint8 pixels (C, S, S), label) of images decoded on access, as :class:`pipeline.data.ImageSet` gives them
+    from memory (the same ``__getitems__``, ``labels``, ``all_pixels``; ``pixels`` None as for a large set). An
+    unreadable image is replaced by the next readable one (data.on_corrupt=skip, with a warning) or stops (error).
+    Subclasses give :meth:`source` (what image ``j`` is read from) and ``__len__``."""
+
+    def __init__(self, labels: np.ndarray, cfg: DataConfig) -> None:
         self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
         self.size, self.channels, self.on_corrupt = cfg.image_size, cfg.channels, cfg.on_corrupt
         self.background = ImageColor.getrgb(cfg.background)[:3]
         self.workers = cfg.num_workers  # decoding processes where a stage reads many images (read_batches)
         self.pixels = None  # as a large ImageSet: never held in memory as one tensor
 
-    def __len__(self) -> int:
-        return len(self.paths)
+    def source(self, j: int) -> tuple[str | bytes | dict, str]:
+        """What image ``j`` is decoded from, and its name in messages ("": the path names it)."""
+        raise NotImplementedError
 
     def read(self, index: int) -> tuple[np.ndarray, int]:
-        """The pixels of file ``index``, or of the first readable file after it; and which file was read."""
+        """The pixels of image ``index``, or of the first readable one after it; and which image was read."""
         for tried in range(len(self)):
             j = (index + tried) % len(self)
-            path = os.fsdecode(self.paths[j])
-            try:
-                return load_image_file(path, self.size, self.channels, self.background), j
-            except UNREADABLE as err:
-                if self.on_corrupt == "error":
-                    raise UnreadableImage(f"cannot read image {path}: {unreadable_reason(err)}; fix or remove it, "
-                                          "or set data.on_corrupt=skip") from None
-                warnings.warn(f"skipped unreadable image {path}: {unreadable_reason(err)} (data.on_corrupt=skip); "
-                              "the next readable file is used in its place", stacklevel=2)
-        raise UserError(f"none of the {len(self)} image files can be read; check data.path")
+            pixels = decode_or_skip(*self.source(j), self.size, self.channels, self.background, self.on_corrupt)
+            if pixels is not None:
+                return pixels, j
+        raise UserError(f"none of the {len(self)} images can be read; check data.path or data.name")
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         pixels, read = zip(*(self.read(int(i)) for i in indices))
         return torch.from_numpy(np.stack(pixels)), self.labels[list(read)]
+
+
+class FileImages(DecodedOnAccess):
+    """Image files decoded on access. The paths are one numpy byte array, not a list of strings: forked workers then
+    share its pages instead of copying them as reference counts change
+    (https://github.com/pytorch/pytorch/issues/13246)."""
+
+    def __init__(self, files: list[Path], labels: np.ndarray, cfg: DataConfig) -> None:
+        super().__init__(labels, cfg)
+        self.paths = np.array([os.fsencode(p) for p in files], dtype=np.bytes_)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def source(self, j: int) -> tuple[str, str]:
+        return os.fsdecode(self.paths[j]), ""
 
 
 class StreamedTraining(Dataset):
@@ -117,9 +158,5 @@ class StreamedTraining(Dataset):
 
     def __getitems__(self, picks: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         pixels, labels = self.images.__getitems__([index for index, _ in picks])
-        x = to_float(pixels)  # (N, C, S, S)
-        if self.hflip or self.crop_scale < 1:
-            first, epoch = picks[0]
-            seed = int(np.random.SeedSequence([self.seed, epoch, first]).generate_state(1)[0])
-            x = augment(x, self.hflip, self.crop_scale, generator=torch.Generator().manual_seed(seed))
-        return x, labels
+        first, epoch = picks[0]
+        return augmented_floats(pixels, self.hflip, self.crop_scale, [self.seed, epoch, first]), labels

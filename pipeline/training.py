@@ -117,6 +117,11 @@ class ShardSampler(Sampler):
     def __len__(self) -> int:  # infinite in principle; DataLoader wants a number
         return sys.maxsize
 
+    def take(self, batch: Any) -> Any:
+        """The loop took ``batch``: move the position on by one batch; the batch, for the step."""
+        self.advance()
+        return batch
+
     def advance(self) -> None:
         """One batch was taken."""
         self.epoch, self.offset = divmod(self.epoch * self.per_epoch + self.offset + 1, self.per_epoch)
@@ -168,6 +173,7 @@ class Task:
     log_prefix: str = ""  # e.g. "top/" when several models log into one folder
     num_workers: int = 0  # DataLoader worker processes
     sharded: bool = False  # streamed data: fixed shards per rank (ShardSampler), the position saved in checkpoints
+    # a ``train_set`` with ``for_rank`` (pipeline.hubstream.HubStream) is a stream with its own position instead
 
 
 class _StopOnInterrupt:
@@ -225,7 +231,7 @@ class _Loop:
     units_done: int = 0  # images or tokens since the last log line
     t_rate: float = field(default_factory=time.perf_counter)
     skipped: int = 0  # steps skipped for a non-finite loss
-    sampler: Any = None  # the training batches' sampler (set by _batches)
+    position: Any = None  # what knows where the data is, saved in checkpoints: a ShardSampler or a stream
 
     @property
     def last(self) -> Path:
@@ -238,8 +244,12 @@ class _Loop:
                                  "hardware": hardware(self.fabric.device)}
         if self.fabric.world_size > 1:
             extra["rng_ranks"] = rank_rng_states(self.fabric)
-        if isinstance(self.sampler, ShardSampler):
-            extra["data"] = self.sampler.state_dict()  # the same on every rank
+        if getattr(self.position, "per_rank", False):  # a stream: every rank's own position
+            mine, world = self.position.state_dict(), self.fabric.world_size
+            extra["data"] = {"ranks": [self.fabric.broadcast(mine, src=r) for r in range(world)] if world > 1
+                             else [mine]}
+        elif self.position is not None:
+            extra["data"] = self.position.state_dict()  # the same on every rank
         if not self.fsdp:  # FSDP's full optimizer state is already keyed by parameter name
             extra["optimizer"] = optimizer_state_by_name(self.optimizer, self.param_names)
         save_checkpoint(self.fabric, path, {**self.state, **extra})
@@ -303,35 +313,35 @@ def _resume(loop: _Loop, source: Path) -> tuple[dict, bool]:
 
 def _batches(loop: _Loop, saved: dict) -> Iterator:
     """The training batches from the current step on, then the RNG restored. In memory, data order is addressed by
-    step (StepSampler); streamed (``task.sharded``), by the position the checkpoint ``saved``."""
+    step (StepSampler); streamed (``task.sharded``, or a stream's ``for_rank``), by the position the checkpoint
+    ``saved``."""
     fabric, tcfg, task, step0 = loop.fabric, loop.tcfg, loop.task, loop.state["step"]
     rank, world = fabric.global_rank, fabric.world_size
-    if task.sharded:
-        loop.sampler = ShardSampler(len(task.train_set), tcfg.batch_size, tcfg.seed, rank, world)
-        if "data" in saved:
-            note = loop.sampler.load_state_dict(saved["data"])
-            if note:
-                fabric.print(f"{loop.desc}: {note}")
-        else:
-            loop.sampler.seek(step0 * tcfg.grad_accum)
+    train_set, sampler = task.train_set, None
+    if hasattr(train_set, "for_rank"):
+        train_set = loop.position = train_set.for_rank(rank, world, tcfg.batch_size, tcfg.seed, task.num_workers)
+    elif task.sharded:
+        sampler = loop.position = ShardSampler(len(train_set), tcfg.batch_size, tcfg.seed, rank, world)
     else:
-        loop.sampler = StepSampler(len(task.train_set), tcfg.batch_size, tcfg.seed, rank, world,
-                                   start=step0 * tcfg.grad_accum)
-    loader = DataLoader(task.train_set, batch_sampler=loop.sampler, collate_fn=_identity,
-                        num_workers=task.num_workers, persistent_workers=task.num_workers > 0,
+        sampler = StepSampler(len(train_set), tcfg.batch_size, tcfg.seed, rank, world, start=step0 * tcfg.grad_accum)
+    if loop.position is not None:
+        note = loop.position.load_state_dict(saved["data"]) if "data" in saved else \
+            loop.position.seek(step0 * tcfg.grad_accum)
+        if note:
+            fabric.print(f"{loop.desc}: {note}")
+    loader = DataLoader(train_set, batch_size=None if sampler is None else 1, batch_sampler=sampler,
+                        collate_fn=_identity, num_workers=task.num_workers, persistent_workers=task.num_workers > 0,
                         pin_memory=fabric.device.type == "cuda")
-    batches = _taken(iter(loader), loop.sampler)  # iter draws a seed from the global RNG: restore the state after it
+    batches = _taken(iter(loader), loop.position)  # iter draws a seed from the global RNG: restore the state after
     if step0:
         restore_rng(fabric, saved.get("rng_ranks"), loop.state["rng"])
     return batches
 
 
-def _taken(batches: Iterator, sampler: Sampler) -> Iterator:
-    """``batches``, moving a ShardSampler's position on as each one is handed to the loop."""
+def _taken(batches: Iterator, position: Any) -> Iterator:
+    """``batches``, each handed to the data position (``take``) as the loop takes it, not as the loader prefetches."""
     for batch in batches:
-        if isinstance(sampler, ShardSampler):
-            sampler.advance()
-        yield batch
+        yield batch if position is None else position.take(batch)
 
 
 def _micro_steps(loop: _Loop, model, batches: Iterator, stop: _StopOnInterrupt, step: int):

@@ -30,7 +30,8 @@ def preview_image(data: ImageData, cfg: Config):
     d = cfg.data
     augmented = d.hflip or d.crop_scale < 1
     n = PREVIEW_PER_CLASS if data.class_names else PREVIEW_UNLABELLED
-    pixels, labels = data.train.__getitems__(list(range(min(len(data.train), 40 * n))))
+    first = data.first_images
+    pixels, labels = first.__getitems__(list(range(min(len(first), 40 * n))))
     if not data.class_names:
         shown = pixels[:n]
         if not augmented:
@@ -65,7 +66,7 @@ def summary_text(summary: dict) -> str:
     if summary["class_names"]:
         per = summary["per_class"]
         lines.append(f"  {len(summary['class_names'])} classes (train / held-out): " + ", ".join(
-            f"{n} {per['train'][n]}/{per['holdout'][n]}" for n in summary["class_names"]))
+            f"{n} {(per['train'] or {}).get(n, '?')}/{per['holdout'][n]}" for n in summary["class_names"]))
     else:
         lines.append("  unlabelled")
     for mode, m in summary["modes"].items():
@@ -80,7 +81,7 @@ def summary_text(summary: dict) -> str:
 
 
 def run_data(cfg: Config, run: RunFolder) -> dict:
-    data = load_run_data(cfg.data, run, ONE_PROCESS)  # a streamed folder is listed, as stage 1 reads it
+    data = load_run_data(cfg.data, run, ONE_PROCESS, random_access=False)  # streamed data is read as stage 1 does
     summary = write_data_report(data, cfg, run)
     print(summary_text(summary))
     print(f"wrote {run.data_summary} and {run.data_preview}" + (" (images from the cache)"

@@ -27,6 +27,7 @@ from pipeline.config import Config, DataConfig, config_from_dict
 from pipeline.critic import vqvae_state_dict
 from pipeline.data import ImageData, load_image_data
 from pipeline.distributed import rank_zero_first
+from pipeline.hubstream import hub_streams, load_hub_stream
 from pipeline.io import UserError, load_checkpoint
 from pipeline.priors import Prior, normalize_spec, prior_from_spec
 from pipeline.sampler import Sampler
@@ -70,14 +71,20 @@ class RunFolder:
         return str(self.root)
 
 
-def load_run_data(cfg: DataConfig, run: RunFolder, fabric) -> ImageData:
+def load_run_data(cfg: DataConfig, run: RunFolder, fabric, random_access: bool = True) -> ImageData:
     """The images of a run, as every stage reads them: streamed from the folder's files when stage 1 streams it
-    (``stream_listing``: every process lists the files, nothing is decoded up front or cached), else decoded
-    once into RUN/data/cache by rank 0 and read from there by the other ranks. Streamed sets decode in
+    (``stream_listing``: every process lists the files, nothing is decoded up front or cached); a streamed Hub
+    dataset's held-out images from its own held-out split, and its training split streamed (stage 1, and without
+    ``random_access``) or map-style from the ``datasets`` cache (opened by rank 0 first, which may download it);
+    else decoded once into RUN/data/cache by rank 0 and read from there by the other ranks. Streamed sets decode in
     data.num_workers DataLoader workers where a stage reads many images (``pipeline.data.read_batches``)."""
     listed = stream_listing(cfg)
     if listed is not None:
         return load_stream_data(cfg, listed)
+    if hub_streams(cfg):
+        if not random_access:
+            return load_hub_stream(cfg)
+        return rank_zero_first(fabric, lambda: load_hub_stream(cfg, random_access=True))
     return rank_zero_first(fabric, lambda: load_image_data(cfg, cache_dir=run.data_cache))
 
 

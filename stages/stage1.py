@@ -16,6 +16,7 @@ from pipeline.critic import AdversarialVQVAE, PatchCritic
 from pipeline.data import ImageSet, augment, load_image_data, to_float, to_uint8
 from pipeline.distributed import on_rank_zero, rank_zero_first
 from pipeline.fabric import log_image, make_fabric, make_loggers
+from pipeline.hubstream import hub_streams, load_hub_stream
 from pipeline.images import grid_image
 from pipeline.io import UserError, atomic_save_png
 from pipeline.metrics.reconstruction import reconstruction_stats
@@ -91,12 +92,15 @@ def run_stage1(cfg: Config, run: RunFolder, fresh: bool = False) -> dict[str, fl
         changes = config_diff(trained_for, cfg.to_dict(), STAGE1_KEYS) + critic_changes(trained_for, cfg)
         check_resumable(last, changes, "config", "stage1")
     listed = stream_listing(cfg.data)  # every process lists the files; workers decode them while training
+    hub = hub_streams(cfg.data)  # every process opens the stream: nothing is downloaded or decoded before step 1
     labelled = (listed.class_names is not None) if listed is not None else has_labels(cfg.data)
     if cfg.prior.class_conditional and labelled is False:
         no_labels(cfg)
     fabric = make_fabric(cfg.fabric, loggers=make_loggers(run.stage1))
     if listed is not None:
         data = load_stream_data(cfg.data, listed)
+    elif hub:
+        data = load_hub_stream(cfg.data)
     else:  # rank 0 prepares and caches the images, then the other ranks read the cache
         data = rank_zero_first(fabric, lambda: load_image_data(cfg.data, cache_dir=run.data_cache))
     if cfg.prior.class_conditional and not data.class_names:
@@ -105,12 +109,12 @@ def run_stage1(cfg: Config, run: RunFolder, fresh: bool = False) -> dict[str, fl
     if fabric.global_rank == 0:
         write_data_report(data, cfg, run)  # what `make data` writes, for the data this run trains on
         classes = f", classes {', '.join(data.class_names)}" if data.class_names else ", unlabelled"
-        fabric.print(f"stage 1: {len(data.train)} train / {len(data.holdout)} held-out images "
+        fabric.print(f"stage 1: {data.train_images or 'a stream of'} train / {len(data.holdout)} held-out images "
                      f"({data.holdout_source}), {data.image_size}px x {data.channels}ch{classes}; run folder {run}")
     augmented = cfg.data.hflip or cfg.data.crop_scale < 1
-    streamed = listed is not None
-    train_set = StreamedTraining(data.train, cfg.data.hflip, cfg.data.crop_scale, cfg.stage1.seed) if streamed \
-        else data.train
+    streamed = listed is not None or hub  # batches come as floats, decoded and augmented in the loader's workers
+    train_set = StreamedTraining(data.train, cfg.data.hflip, cfg.data.crop_scale, cfg.stage1.seed) \
+        if listed is not None else data.train  # a HubStream is its own position (pipeline.training._batches)
     torch.manual_seed(cfg.stage1.seed)
     model = stage1_model(cfg)
     adversarial = isinstance(model, AdversarialVQVAE)
@@ -148,7 +152,7 @@ def run_stage1(cfg: Config, run: RunFolder, fresh: bool = False) -> dict[str, fl
         return metrics
 
     task = Task(model=model, train_set=train_set, training_step=training_step, validate=validate,
-                best_metric="mse", units="img", num_workers=cfg.data.num_workers, sharded=streamed,
+                best_metric="mse", units="img", num_workers=cfg.data.num_workers, sharded=listed is not None,
                 progress_keys=tuple(f"usage_{n}" for n in names) + (("adv_weight",) if adversarial else ()),
                 meta={"config": cfg.to_dict(), "num_classes": data.num_classes, "class_names": data.class_names,
                       "stage": "stage1"})

@@ -42,6 +42,32 @@ def png_folder(root: Path, n: int, classes: tuple[str, ...] = ("a", "b"), size: 
     return root
 
 
+def parquet_dataset(root: Path, n_train: int, shards: int, n_test: int, size: int = 16) -> Path:
+    """A local copy of a Hub dataset, as the Hub lays one out: ``data/<split>-XXXXX-of-YYYYY.parquet`` with an
+    ``image`` column (PNG bytes, each named ``<split>-<i>.png``) and a ``ClassLabel`` ``label`` (a, b): read by
+    ``data.source=hub data.name=<root>``, streamed or not, with no network."""
+    import io
+
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    (root / "data").mkdir(parents=True)
+    for split, n, parts in (("train", n_train, shards), ("test", n_test, 1)):
+        for s in range(parts):
+            ids = range(s * n // parts, (s + 1) * n // parts)
+            images = []
+            for i in ids:
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8), "L").save(buf, format="PNG")
+                images.append({"bytes": buf.getvalue(), "path": f"{split}-{i}.png"})
+            ds = datasets.Dataset.from_dict({"image": images, "label": [i % 2 for i in ids]}, features=feats)
+            ds.to_parquet(str(root / "data" / f"{split}-{s:05d}-of-{parts:05d}.parquet"))
+    return root
+
+
 def decoded(log: Path, prefix: str) -> int:
     return sum(len(p.read_text().splitlines()) for p in log.glob(f"{prefix}-*.txt"))
 
@@ -64,7 +90,7 @@ def main() -> int:
         worker = torch.utils.data.get_worker_info() is not None
         tag = who["tag"] + ("-worker" if worker else "-main") if who["tag"] != "setup" else "setup"
         with open(log / f"{tag}-{os.getpid()}.txt", "a") as fh:
-            fh.write(f"{path}\n")
+            fh.write(f"{path.get('path') if isinstance(path, dict) else path}\n")  # a Hub example: its file name
         return real_load(path, *args, **kwargs)
 
     def fit_and_record(fabric, task, *args, **kwargs):

@@ -174,11 +174,16 @@ STREAM = ["fabric.devices=2", "data.source=folder", "data.streaming=always", "da
 
 
 def stage1_recorded(log: Path, run_dir: Path, folder: Path, stop_at: int = -1) -> subprocess.CompletedProcess:
+    return recorded_command(log, run_dir, [*STREAM, f"data.path={folder}"], stop_at)
+
+
+def recorded_command(log: Path, run_dir: Path, overrides: list[str], stop_at: int = -1) -> subprocess.CompletedProcess:
+    """tests.stream_helper's stage 1 with ``overrides`` in a clean environment (Fabric's launcher starts the ranks)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
                                                             "MASTER_PORT", "NODE_RANK", "TORCHELASTIC_RUN_ID")}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "tests.stream_helper", str(log), str(stop_at), "--", "--config", SMOKE, "--run",
-           str(run_dir), *STREAM, f"data.path={folder}"]
+           str(run_dir), *overrides]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
