@@ -190,6 +190,7 @@ def run_evaluate(cfg: Config, run: RunFolder) -> dict | None:
             "bootstrap_rounds": e.bootstrap,
             "protocol": {ex.name: PROTOCOL[ex.name] for ex, _ in extractors},
             "feature_seconds": {name: round(x["seconds"], 1) for name, x in feats.items()},
+            "feature_speed": {ex.name: ex.speed() for ex, _ in extractors},  # the networks alone, this process
             **{ex.name: {**scores(feats[ex.name], e), **info} for ex, info in rest},
             "recon": {"mse": stats["mse"], "psnr": stats["psnr"], "rfid": first["rfid"]},
             "codebook": {name: {"usage": stats[f"usage_{name}"], "perplexity": stats[f"perplexity_{name}"]}
