@@ -1,6 +1,6 @@
 """A TorchScript network run by ONNX Runtime on the CPU: exported once to an ``.onnx`` file cached beside it.
 
-The FID Inception network runs about 1.7x faster in ONNX Runtime's CPU kernels than in TorchScript with a
+The FID Inception network runs 1.7-2.3x faster in ONNX Runtime's CPU kernels than in TorchScript with a
 channels_last input on this machine (``make bench``, inception rows), with features equal within float32
 rounding. ``cached_onnx`` exports the TorchScript file with torch's TorchScript-based exporter (opset 17, a
 dynamic batch axis) and writes ``NAME.onnx`` beside it with a sidecar ``NAME.onnx.json`` recording the source's
