@@ -1,11 +1,12 @@
 """Benchmarks 5 and 6: precision/recall/density/coverage against the ``prdc`` package (time, memory peak,
-agreement), and the compute time of FID, on random 2048-d features."""
+agreement), and the compute time of FID, on random 2048-d features; and the FID Inception network's speed per
+runtime (torch contiguous, channels_last, onnxruntime) with their features' agreement."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from bench.common import Context, Result, Row, Timing, compare, run_child, scaled, time_interleaved
+from bench.common import ROOT, Context, Result, Row, Timing, compare, run_child, scaled, time_interleaved
 from bench.prdc_worker import DIM, K, features
 
 GB = 1e9
@@ -163,3 +164,67 @@ def bench_fid(ctx: Context) -> Result:
               note=f"FID = {value['fid']:.3f}" if "fid" in value else "")
     settings = {"n": n, "dim": DIM, "warmup": warmup, "repeats": repeats, "features": "float32 N(0,1) vs N(0.1,1)"}
     return Result([row], settings, {"fid": t.to_dict() if isinstance(t, Timing) else t, **value})
+
+
+def _inception_networks(batch: int):
+    """The FID Inception network under each runtime, as callables on one preprocessed batch (B, 3, 299, 299) in
+    the TF input range (digit-like grey images through clean-fid's resize), and that batch."""
+    import torch
+
+    from pipeline.metrics.features import InceptionFeatures, _load_torchscript, install_inception, resize_clean
+
+    path = install_inception(ROOT / "weights")
+    net = _load_torchscript(path)
+    onnx = InceptionFeatures(path, runtime="onnxruntime").onnx  # exported once and cached beside the file
+    grey = (torch.rand(batch, 1, 28, 28, generator=torch.Generator().manual_seed(0)) ** 4 * 255).to(torch.uint8)
+    x = (resize_clean(grey) / 128 - 1).expand(-1, 3, -1, -1).contiguous()  # (B, 3, 299, 299)
+    return {"torch contiguous": lambda: net(x),
+            "torch channels_last": lambda: net(x.contiguous(memory_format=torch.channels_last)),
+            "onnxruntime": lambda: onnx(x)}, x
+
+
+def _resize_rows(ctx: Context, batch: int, warmup: int, repeats: int) -> list[Row]:
+    """clean-fid's resize of grey 28 x 28 images to 299 x 299: one channel (now) against each of three (before)."""
+    import numpy as np
+    import torch
+
+    from pipeline.metrics.features import _resize_channel, resize_clean
+
+    grey = torch.randint(0, 256, (batch, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    rgb = grey.expand(-1, 3, -1, -1).numpy().astype(np.float32)
+    t = time_interleaved({"once": lambda: resize_clean(grey).expand(-1, 3, -1, -1),
+                          "per channel": lambda: np.stack([[_resize_channel(c, 299) for c in im] for im in rgb])},
+                         ctx.device, warmup, repeats)
+    return [compare("inception", f"resize_clean, grey 28x28 -> 299, batch {batch}: once vs per channel",
+                    scaled(t["once"], 1e3 / batch), scaled(t["per channel"], 1e3 / batch), "ms/img",
+                    higher_is_better=False, note="the same floats bit for bit (tests/test_metrics.py)")]
+
+
+def bench_inception(ctx: Context) -> Result:
+    """ms per image of the FID Inception network: TorchScript with a contiguous and a channels_last input, and its
+    ONNX export in onnxruntime (CPU); their features' largest difference."""
+    import torch
+
+    batch = 16 if ctx.quick else 64
+    warmup, repeats = (1, 2) if ctx.quick else (1, 3)
+    fns, x = _inception_networks(batch)
+    with torch.no_grad():
+        timings = time_interleaved(fns, torch.device("cpu"), warmup, repeats)
+        feats = {name: fn().float() for name, fn in fns.items() if isinstance(timings[name], Timing)}
+    base = scaled(timings["torch contiguous"], 1e3 / batch)
+    rows = [Row("inception", f"torch contiguous, batch {batch}", base, None, "ms/img",
+                note="the baseline of the inception ratios: the TorchScript file as it was run before")]
+    ref = feats.get("torch contiguous")
+    for name in ("torch channels_last", "onnxruntime"):
+        diff = ""
+        if ref is not None and name in feats:
+            diff = (f"; features differ from torch contiguous by at most {float((feats[name] - ref).abs().max()):.2e}"
+                    f" (largest feature {float(ref.abs().max()):.2f})")
+        rows.append(compare("inception", f"{name}, batch {batch}", scaled(timings[name], 1e3 / batch), base,
+                            "ms/img", higher_is_better=False, note=f"{torch.get_num_threads()} threads" + diff))
+    rows += _resize_rows(ctx, batch, warmup, repeats + 2)
+    settings = {"batch": batch, "warmup": warmup, "repeats": repeats, "threads": torch.get_num_threads(),
+                "input": "grey 28x28 images, clean-fid resize to 299x299, (x - 128) / 128, repeated to RGB",
+                "onnx": "torch.onnx.export (TorchScript-based, opset 17, dynamic batch), CPUExecutionProvider"}
+    details = {n: (t.to_dict() if isinstance(t, Timing) else t) for n, t in timings.items()}
+    return Result(rows, settings, {**details, "input_shape": list(x.shape)})

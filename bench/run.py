@@ -53,6 +53,8 @@ BENCHMARKS: dict[str, tuple[Callable[[Context], Result], str]] = {
     "sampling": (_lazy("bench.sampling", "bench_sampling"), "sampling img/s with and without the cache"),
     "prdc": (_prdc, "precision/recall vs the prdc package: time, memory, agreement"),
     "fid": (_lazy("bench.metrics", "bench_fid"), "fid_from_features on 5,000 x 2048-d"),
+    "inception": (_lazy("bench.metrics", "bench_inception"), "FID Inception ms/img: torch contiguous, channels_last, "
+                  "onnxruntime; the clean resize of grey images"),
     "fsdp": (_lazy("bench.fsdp", "bench_fsdp"), "prior parameter bytes per rank: DDP vs FSDP on 2 processes"),
     "e2e": (_lazy("bench.e2e", "bench_e2e"), "the four stages from nothing, with the report's quality figures"),
     "streaming": (_lazy("bench.streaming", "bench_streaming"), "stage 1 streamed from 2,000 vs 20,000 files: memory, "
@@ -102,7 +104,7 @@ def environment(ctx: Context) -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "versions": {p: _version(p) for p in ("torch", "transformers", "vector-quantize-pytorch", "prdc",
-                                                "torchmetrics", "numpy", "scikit-learn")},
+                                                "torchmetrics", "numpy", "scikit-learn", "onnxruntime", "onnx")},
         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     if ctx.device.type == "cuda":

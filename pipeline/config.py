@@ -257,6 +257,7 @@ class EvaluateConfig:
     extractor: str = "inception"  # the headline's features: inception (the standard FID network) | domain
     domain_column: bool = True  # with extractor=inception: the domain classifier's metrics beside it, per class too
     inception_path: str = ""  # local TorchScript file of the FID InceptionV3 (extractor: inception)
+    inception_runtime: str = "auto"  # what runs it: auto (onnxruntime on the CPU when installed) | torch | onnxruntime
     k: int = 3  # neighbourhood size for precision/recall/density/coverage
     num_real: int = 0  # N real images per side (reference, floor); 0 = all held-out; more tops the floor up from train
     classifier_steps: int = 800  # training steps of the domain classifier
@@ -658,6 +659,7 @@ def validate(cfg: Config) -> None:
 
     e = cfg.evaluate
     _check_choice("evaluate.extractor", e.extractor, ("domain", "inception"))
+    _check_choice("evaluate.inception_runtime", e.inception_runtime, ("auto", "torch", "onnxruntime"))
     _check(e.k >= 1, "evaluate.k", e.k, "must be >= 1")
     _check(e.bootstrap >= 0, "evaluate.bootstrap", e.bootstrap, "must be >= 0 (0 = no intervals)")
     _check(e.num_real >= 0, "evaluate.num_real", e.num_real, "must be >= 0 (0 = all held-out)")

@@ -160,7 +160,8 @@ def run_evaluate(cfg: Config, run: RunFolder) -> dict | None:
     data = load_run_data(cfg1.data, run, fabric)
     kinds = [e.extractor] + (["domain"] if e.extractor == "inception" and e.domain_column else [])
     # rank 0 trains (or loads) and caches the domain classifier, or installs the Inception weights; then the others
-    extractors = [rank_zero_first(fabric, lambda k=k: make_extractor(k, e, run.classifier, data, log=log))
+    extractors = [rank_zero_first(fabric, lambda k=k: make_extractor(k, e, run.classifier, data, log=log,
+                                                                     device=fabric.device))
                   for k in kinds]
 
     n = evaluation_size(len(samples), len(data.train), len(data.holdout), e)
@@ -189,6 +190,7 @@ def run_evaluate(cfg: Config, run: RunFolder) -> dict | None:
             "bootstrap_rounds": e.bootstrap,
             "protocol": {ex.name: PROTOCOL[ex.name] for ex, _ in extractors},
             "feature_seconds": {name: round(x["seconds"], 1) for name, x in feats.items()},
+            "feature_speed": {ex.name: ex.speed() for ex, _ in extractors},  # the networks alone, this process
             **{ex.name: {**scores(feats[ex.name], e), **info} for ex, info in rest},
             "recon": {"mse": stats["mse"], "psnr": stats["psnr"], "rfid": first["rfid"]},
             "codebook": {name: {"usage": stats[f"usage_{name}"], "perplexity": stats[f"perplexity_{name}"]}

@@ -152,8 +152,7 @@ def rejection_classifier(cfg: Config, run: RunFolder, cfg1: Config, sampler, fab
                         "class-conditional prior and labels (not labels=none)")
     data = load_run_data(cfg1.data, run, fabric)
     extractor, _ = rank_zero_first(fabric, lambda: make_extractor("domain", cfg.evaluate, run.classifier, data,
-                                                                  log=fabric.print))
-    extractor.module.to(fabric.device)
+                                                                  log=fabric.print, device=fabric.device))
     return extractor
 
 

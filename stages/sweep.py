@@ -49,8 +49,7 @@ def run_sweep(cfg: Config, run: RunFolder) -> list[dict] | None:
     data = load_run_data(cfg1.data, run, fabric)
     # rank 0 trains (or loads) and caches the domain classifier, then the others load that file
     extractor, _ = rank_zero_first(fabric, lambda: make_extractor(cfg.sweep.extractor, cfg.evaluate, run.classifier,
-                                                                  data, log=fabric.print))
-    extractor.module.to(fabric.device)
+                                                                  data, log=fabric.print, device=fabric.device))
     e, s = cfg.evaluate, cfg.sample
     n = min(cfg.sweep.num, len(data.train), len(data.holdout))
     f_ref, _ = reference_features(fabric, extractor, lambda: seeded_subset(data.train, n, seed=0), n, e.batch_size,

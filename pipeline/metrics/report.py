@@ -140,6 +140,12 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def speed_text(speed: dict) -> str:
+    """An extractor's speed in words: images through the network (the cached real sets are not), at what rate."""
+    rate = f"{speed['images_per_s']:.3g} images/s" if speed["images_per_s"] else "no time measured"
+    return f"{speed['images']} images through the network in {speed['seconds']} s, {rate}, {speed['runtime']}"
+
+
 def summary_table(report: dict) -> str:
     sides = _sides(report)
     rows = [("metric", *(n for n, _ in sides))]
@@ -153,6 +159,8 @@ def summary_table(report: dict) -> str:
                  + ", ".join(f"{n} {v['usage']:.0%} used (perplexity {v['perplexity']:.0f})"
                              for n, v in report["codebook"].items()))
     lines.append("prior NLL (bits/code): " + ", ".join(f"{k} {v:.3f}" for k, v in report["prior_nll_bits"].items()))
+    if report.get("feature_speed"):
+        lines.append("features: " + "; ".join(f"{name} {speed_text(v)}" for name, v in report["feature_speed"].items()))
     per = report.get("per_class")
     if per:
         lines.append(f"asked class recognised: {per['asked_class_accuracy']:.1%} of samples (real held-out "
@@ -212,7 +220,8 @@ def report_markdown(report: dict, title: str, pictures: dict[str, str]) -> str:
         "",
         *metrics_table(report),
         "",
-        *[f"- `{name}` features: {text}; {report['feature_seconds'][name]:.0f} s for this evaluation."
+        *[f"- `{name}` features: {text}; {report['feature_seconds'][name]:.0f} s for this evaluation"
+          + (f" ({speed_text(report['feature_speed'][name])})." if name in report.get("feature_speed", {}) else ".")
           for name, text in report.get("protocol", {}).items()],
     ]
     recon = report["recon"]
