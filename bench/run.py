@@ -51,6 +51,8 @@ BENCHMARKS: dict[str, tuple[Callable[[Context], Result], str]] = {
     "stage1": (_lazy("bench.training", "bench_stage1"), "VQ-VAE-2 training img/s: fp32, channels_last, bf16, compile"),
     "priors": (_lazy("bench.training", "bench_priors"), "GPT and PixelCNN prior training tok/s"),
     "sampling": (_lazy("bench.sampling", "bench_sampling"), "sampling img/s with and without the cache"),
+    "kvcache": (_lazy("bench.sampling", "bench_kv_cache"), "GPT sampling seq/s: dynamic vs static KV cache vs static + "
+                "torch.compile"),
     "prdc": (_prdc, "precision/recall vs the prdc package: time, memory, agreement"),
     "fid": (_lazy("bench.metrics", "bench_fid"), "fid_from_features on 5,000 x 2048-d"),
     "inception": (_lazy("bench.metrics", "bench_inception"), "FID Inception ms/img: torch contiguous, channels_last, "

@@ -68,3 +68,48 @@ def bench_sampling(ctx: Context) -> Result:
                 "counts": "code sampling of both levels; the VQ-VAE decoder is not included"}
     details = {k: (t.to_dict() if isinstance(t, Timing) else t) for k, t in timings.items()}
     return Result(rows, settings, details)
+
+
+def _level_sampler(prior, n: int, decoding, store: dict) -> Callable[[], None]:
+    """Sampling ``n`` grids of one GPT level (class labels; random top codes for the bottom) with ``decoding``."""
+    from pipeline.sampling import image_uniforms, sample_level
+
+    labels = torch.arange(n) % prior.num_classes
+    uniforms = image_uniforms(0, 1, range(n), prior.seq_len)
+    gen = torch.Generator().manual_seed(0)
+    top = torch.randint(prior.cond_num_codes, (n, *prior.cond_grid), generator=gen) if prior.cond_grid else None
+
+    def run() -> None:
+        store["codes"] = (sample_level(prior, uniforms, labels, top, decoding=decoding),)
+
+    return run
+
+
+def bench_kv_cache(ctx: Context) -> Result:
+    """The GPT levels of the default config sampled with transformers' dynamic cache, its static cache, and the
+    static cache with the one-code step under torch.compile (``sample.kv_cache``, ``sample.compile``), in sequences
+    (grids of one level) per second. Every path warms up on the full batch: compiling is per batch shape."""
+    from pipeline.priors import Decoding
+
+    n, repeats = (100, 3) if ctx.quick else (250, 5)
+    decodings = {"dynamic": Decoding(), "static": Decoding("static"), "static + compile": Decoding("static", True)}
+    rows: list[Row] = []
+    details: dict = {}
+    for level, prior in zip(("top", "bottom"), prior_models("gpt", ctx.device)):
+        prior.eval()
+        stores = {name: {} for name in decodings}
+        fns = {name: _level_sampler(prior, n, d, stores[name]) for name, d in decodings.items()}
+        timings = time_interleaved(fns, ctx.device, warmup=1, repeats=repeats)
+        figure = f"GPT {level} ({prior.n_positions} positions), {n} sequences"
+        for name in ("static", "static + compile"):
+            agree = _agreement(stores[name], stores["dynamic"])
+            first = timings[name].warmup_times[0] if isinstance(timings[name], Timing) else None
+            note = (f"same codes as dynamic: {agree:.2%}" if agree is not None else "") + (
+                f"; first call (compiling) {first:.1f} s" if first is not None and "compile" in name else "")
+            rows.append(compare("kvcache", f"{figure}: {name} vs dynamic KV cache", scaled(timings[name], invert=n),
+                                scaled(timings["dynamic"], invert=n), "seq/s", higher_is_better=True, note=note))
+        details[level] = {k: (t.to_dict() if isinstance(t, Timing) else t) for k, t in timings.items()}
+    settings = {"sequences": n, "repeats": repeats, "warmup": "one call per path on the full batch",
+                "levels": "top 4x4 (16 positions), bottom 8x8 after a class token and 16 top codes (80); float32",
+                "sampling": "temperature 1, class labels i % 10, no guidance; the VQ-VAE decoder is not included"}
+    return Result(rows, settings, details)

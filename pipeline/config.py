@@ -233,6 +233,7 @@ class ExtractConfig:
 
 
 SAMPLE_DTYPES = ("float32", "bfloat16")  # sample.dtype: names of torch dtypes
+KV_CACHES = ("dynamic", "static")  # sample.kv_cache: transformers' DynamicCache or StaticCache
 
 
 @dataclass
@@ -241,6 +242,8 @@ class SampleConfig:
     batch_size: int = 250  # images per batch (the images do not depend on it, up to float rounding)
     max_kv_gib: float = 0.0  # per process: lower batch_size so the largest level's key/value cache fits (0 = off)
     dtype: str = "float32"  # float32 | bfloat16: the priors' weights and key/value cache while sampling
+    kv_cache: str = "dynamic"  # dynamic | static: GPT levels' key/value cache grown per step or preallocated
+    compile: bool = False  # torch.compile the GPT levels' one-code step (needs kv_cache: static)
     temperature: float = 1.0  # softmax temperature, > 0
     top_k: int = 0  # keep the k most likely codes (0 = off)
     top_p: float = 1.0  # nucleus mass in (0, 1] (1 = off)
@@ -545,6 +548,17 @@ def check_sampling_settings(temperature: float, top_k: int, top_p: float, guidan
             raise ValueError(f"{prefix}{key}={value!r} is not allowed: {rule}")
 
 
+def check_decoding(kv_cache: str, compile: bool, prefix: str = "") -> None:
+    """The rules of how a GPT prior runs its sampling steps, written once (the config's ``sample`` section, the
+    sampler): a ValueError ``{prefix}key=value is not allowed: rule``. ``compile`` needs the static cache: with the
+    dynamic one every step's shapes differ, and torch.compile would recompile at each step."""
+    if kv_cache not in KV_CACHES:
+        raise ValueError(f"{prefix}kv_cache={kv_cache!r} is not allowed: choose one of {', '.join(KV_CACHES)}")
+    if compile and kv_cache != "static":
+        raise ValueError(f"{prefix}compile={compile!r} is not allowed: it needs {prefix}kv_cache=static (the "
+                         "preallocated cache keeps every step's shapes fixed, so the step compiles once)")
+
+
 def _validate_data(d: DataConfig, v: VQVAEConfig) -> None:
     _check_choice("data.source", d.source, ("embedded", "folder", "hub", "idx"))
     if d.source == "embedded":
@@ -648,6 +662,7 @@ def validate(cfg: Config) -> None:
     _check(s.max_kv_gib >= 0, "sample.max_kv_gib", s.max_kv_gib, "GiB of key/value cache per process, >= 0 (0 = off)")
     try:
         check_sampling_settings(s.temperature, s.top_k, s.top_p, s.guidance, prefix="sample.")
+        check_decoding(s.kv_cache, s.compile, prefix="sample.")
     except ValueError as err:
         raise ConfigError(str(err)) from None
     _check(s.seed >= 0, "sample.seed", s.seed, "must be >= 0 (image i depends only on the seed, i and the settings)")

@@ -26,7 +26,7 @@ from pipeline.config import SAMPLE_DTYPES, VQVAEConfig, check_sampling_settings
 from pipeline.data import to_float, to_uint8
 from pipeline.export import CONFIG, REEXPORT, locate, read_export, write_export
 from pipeline.io import UserError
-from pipeline.priors import Prior, prior_from_spec
+from pipeline.priors import Decoding, Prior, prior_from_spec
 from pipeline.sampling import cache_batch_limit, image_uniforms, is_guided, kv_cache_bytes, sample_level
 from pipeline.vqvae import VQVAE2
 
@@ -207,14 +207,17 @@ class Sampler(nn.Module, ModelHubMixin, library_name=model_card.LIBRARY, tags=li
     def generate_samples(self, num: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                          labels: Any = "uniform", guidance: float = 1.0, seed: int = 0, batch_size: int = 250,
                          start: int = 0, indices: list[int] | None = None, use_cache: bool = True,
-                         progress: bool = False, max_kv_gib: float = 0.0, dtype: str = "float32") -> Samples:
+                         progress: bool = False, max_kv_gib: float = 0.0, dtype: str = "float32",
+                         kv_cache: str = "dynamic", compile: bool = False) -> Samples:
         """Images number ``start .. start + num - 1`` (or the given ``indices``) of the stream fixed by ``seed``.
         Image i depends only on (seed, i, settings): not on the batch size or on how images are split up, so
         ``max_kv_gib`` (see ``kv_batch_size``) changes the memory, never the images. ``dtype="bfloat16"`` samples
         with bfloat16 copies of the priors (half the cache; codes differ from float32's where rounding moves a
-        draw)."""
+        draw). ``kv_cache`` and ``compile`` (see ``Decoding``) change the speed of the GPT levels, not their logits
+        beyond rounding."""
         try:
             check_sampling_settings(temperature, top_k, top_p, guidance)
+            decoding = Decoding(kv_cache, compile)
         except ValueError as err:
             raise UserError(str(err)) from None
         if batch_size < 1 or num < 0:
@@ -224,7 +227,8 @@ class Sampler(nn.Module, ModelHubMixin, library_name=model_card.LIBRARY, tags=li
         guided = is_guided(self.priors[0], guidance, all_labels)
         batch_size = self.kv_batch_size(batch_size, max_kv_gib, guided, dtype)
         priors = self.priors_in(dtype)
-        settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, guidance=guidance, use_cache=use_cache)
+        settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, guidance=guidance, use_cache=use_cache,
+                        decoding=decoding)
         images, codes_out = [], [[] for _ in self.priors]
         from tqdm.auto import tqdm
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from pipeline.config import check_sampling_settings
-from pipeline.priors.base import Prior
+from pipeline.priors.base import Decoding, Prior
 
 
 def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -87,8 +87,10 @@ def sample_level(
     top_p: float = 1.0,
     guidance: float = 1.0,
     use_cache: bool = True,
+    decoding: Decoding | None = None,
 ) -> torch.Tensor:
-    """Sample one level's code grid (B, H, W) from ``prior`` in raster order."""
+    """Sample one level's code grid (B, H, W) from ``prior`` in raster order; ``decoding`` chooses a GPT's key/value
+    cache (dynamic or static) and whether its step is compiled."""
     check_sampling_settings(temperature, top_k, top_p, guidance)
     batch, length = uniforms.shape
     if length != prior.seq_len:
@@ -102,7 +104,7 @@ def sample_level(
         labels = labels.to(device)
     if cond_codes is not None:
         cond_codes = cond_codes.to(device)
-    state = prior.begin(batch * (2 if guided else 1), labels, cond_codes, use_cache=use_cache)
+    state = prior.begin(batch * (2 if guided else 1), labels, cond_codes, use_cache=use_cache, decoding=decoding)
     out = torch.empty(batch, length, dtype=torch.long, device=device)
     prev = None
     uniforms = uniforms.to(device)

@@ -88,19 +88,21 @@ def draw(sampler, fabric, s, start: int, count: int) -> Samples | None:
     """Images ``start .. start + count - 1`` of the stream, sampled across the ranks, gathered on rank 0 (None
     elsewhere)."""
     indices = [start + i for i in shard_indices(count, fabric.global_rank, fabric.world_size)]
-    part = sampler.generate_samples(len(indices), s.temperature, s.top_k, s.top_p, s.labels, s.guidance, s.seed,
-                                    s.batch_size, indices=indices, progress=fabric.global_rank == 0,
-                                    max_kv_gib=s.max_kv_gib, dtype=s.dtype)
+    part = generate(sampler, fabric, s, indices)
     gathered = gather_rows(fabric, [part.images, part.labels, *part.codes], count)
     return None if gathered is None else Samples(images=gathered[0], labels=gathered[1], codes=gathered[2:])
 
 
 def draw_shard(sampler, fabric, s) -> Samples:
     """This rank's samples of the stream ``0 .. s.num - 1``: ``rank, rank + world, ...`` (shard_indices)."""
-    indices = shard_indices(s.num, fabric.global_rank, fabric.world_size)
+    return generate(sampler, fabric, s, shard_indices(s.num, fabric.global_rank, fabric.world_size))
+
+
+def generate(sampler, fabric, s, indices: list[int]) -> Samples:
+    """Images ``indices`` of the stream, sampled with every ``sample.*`` setting."""
     return sampler.generate_samples(len(indices), s.temperature, s.top_k, s.top_p, s.labels, s.guidance, s.seed,
                                     s.batch_size, indices=indices, progress=fabric.global_rank == 0,
-                                    max_kv_gib=s.max_kv_gib, dtype=s.dtype)
+                                    max_kv_gib=s.max_kv_gib, dtype=s.dtype, kv_cache=s.kv_cache, compile=s.compile)
 
 
 def subset(samples: Samples, keep: np.ndarray) -> Samples:
@@ -156,18 +158,34 @@ def rejection_classifier(cfg: Config, run: RunFolder, cfg1: Config, sampler, fab
     return extractor
 
 
+def sampling_notes(sampler, s) -> list[str]:
+    """What sampling with ``s`` (the ``sample`` section) does beyond its settings: a batch lowered to fit
+    ``sample.max_kv_gib``, levels that ignore ``sample.kv_cache`` / ``sample.compile``, the cost of compiling."""
+    labels = sampler.resolve_labels(s.labels, [0], s.seed)  # bad labels fail here, before anything is written
+    batch = sampler.kv_batch_size(s.batch_size, s.max_kv_gib, is_guided(sampler.priors[0], s.guidance, labels),
+                                  s.dtype)
+    notes = []
+    if batch < s.batch_size:
+        notes.append(f"sample: {batch} images per batch instead of sample.batch_size={s.batch_size}, so the key/value "
+                     f"cache fits sample.max_kv_gib={s.max_kv_gib:g}")
+    uncached = [n for n, p in zip(sampler.level_names, sampler.priors) if not p.cache_bytes_per_grid()]
+    if uncached and (s.kv_cache != "dynamic" or s.compile):
+        notes.append(f"sample: sample.kv_cache={s.kv_cache} and sample.compile={s.compile} apply to GPT levels; the "
+                     f"PixelCNN level(s) {', '.join(uncached)} keep their fixed-size row cache, not compiled")
+    if s.compile:
+        notes.append("sample: compiling the GPT levels' one-code step once per level, batch shape and dtype (tens of "
+                     "seconds each on a CPU)")
+    return notes
+
+
 def run_sample(cfg: Config, run: RunFolder) -> SampleSet | None:
     sampler, cfg1 = build_sampler(run)
     fabric = make_fabric(cfg.fabric)
     sampler = sampler.to(fabric.device)
     settings = sampling_settings(cfg)
     s = cfg.sample
-    labels = sampler.resolve_labels(s.labels, [0], s.seed)  # bad labels fail here, before anything is written
-    batch = sampler.kv_batch_size(s.batch_size, s.max_kv_gib, is_guided(sampler.priors[0], s.guidance, labels),
-                                  s.dtype)
-    if batch < s.batch_size:  # a budget too small for one image failed just above
-        fabric.print(f"sample: {batch} images per batch instead of sample.batch_size={s.batch_size}, so the key/value "
-                     f"cache fits sample.max_kv_gib={s.max_kv_gib:g}")
+    for note in sampling_notes(sampler, s):  # bad labels or a budget too small for one image fail here
+        fabric.print(note)
     sampler.sampling_defaults, sampler.card = settings, card_facts(run, cfg1, sampler)
     rejecting = s.accept < 1 or s.threshold > 0
     classifier = rejection_classifier(cfg, run, cfg1, sampler, fabric) if rejecting else None

@@ -31,7 +31,7 @@ class TablePrior(Prior):
         labels = self.null_labels(codes.shape[0], codes.device) if labels is None else labels
         return self.table[labels]
 
-    def begin(self, batch, labels, cond_codes, use_cache=True):
+    def begin(self, batch, labels, cond_codes, use_cache=True, decoding=None):
         return self.null_labels(batch, self.table.device) if labels is None else labels
 
     def step(self, state, t, prev):

@@ -6,7 +6,7 @@ import torch
 
 from pipeline.config import GPTPriorConfig, PixelCNNPriorConfig, VQVAEConfig, load_config
 from pipeline.io import UserError
-from pipeline.priors import prior_from_spec, prior_spec
+from pipeline.priors import Decoding, prior_from_spec, prior_spec
 from pipeline.sampler import Sampler
 from pipeline.sampling import image_uniforms, kv_cache_bytes, sample_level
 from tests.conftest import assert_same_draws
@@ -19,27 +19,31 @@ def cache_nbytes(cache) -> int:
     return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
 
 
-def fed_cache(prior, batch: int, labels, cond):
+def fed_cache(prior, batch: int, labels, cond, kv_cache: str = "dynamic"):
     """The cache after every position is fed (as at the end of sampling a grid)."""
     with torch.no_grad():
-        state = prior.begin(batch, labels, cond)
+        state = prior.begin(batch, labels, cond, decoding=Decoding(kv_cache))
         prev = None
         for t in range(prior.seq_len):
             prev = prior.step(state, t, prev).argmax(-1)
     return state.past
 
 
+@pytest.mark.parametrize("kv_cache", ["dynamic", "static"])
 @pytest.mark.parametrize("arch,window,dtype", [("gpt2", 0, torch.float32), ("llama", 0, torch.float32),
                                                 ("gpt2", 3, torch.float32), ("gpt2", 0, torch.bfloat16)])
-def test_kv_cache_bytes_are_the_cache_tensors_bytes(arch, window, dtype):
+def test_kv_cache_bytes_are_the_cache_tensors_bytes(arch, window, dtype, kv_cache):
+    """The budget's formula against the real tensors of both caches (the static one holds them from the first
+    step on, preallocated to every position)."""
     net = GPTPriorConfig(arch=arch, n_layer=2, n_embd=16, n_head=2)
     prior = prior_from_spec(prior_spec(net, (3, 4), K, C, (2, 2), K, window)).eval().to(dtype)
     cond = torch.randint(0, K, (5, 2, 2))
-    cache = fed_cache(prior, 5, torch.arange(5) % (C + 1), cond)
+    cache = fed_cache(prior, 5, torch.arange(5) % (C + 1), cond, kv_cache)
     assert cache_nbytes(cache) == kv_cache_bytes(prior, 5)
     prefix = 0 if window else 4
     assert kv_cache_bytes(prior, 5) == 2 * 2 * 5 * (prefix + 12) * 16 * dtype.itemsize  # the formula, written out
-    guided = fed_cache(prior, 10, torch.cat([torch.arange(5) % C, torch.full((5,), C)]), torch.cat([cond, cond]))
+    guided = fed_cache(prior, 10, torch.cat([torch.arange(5) % C, torch.full((5,), C)]), torch.cat([cond, cond]),
+                       kv_cache)
     assert cache_nbytes(guided) == kv_cache_bytes(prior, 5, guided=True)  # guidance doubles the rows
 
 

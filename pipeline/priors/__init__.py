@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from pipeline.config import PriorNetConfig, prior_net_from_dict
-from pipeline.priors.base import Prior
+from pipeline.priors.base import Decoding, Prior
 
 
 def build_prior(net: PriorNetConfig, grid: tuple[int, int], num_codes: int, num_classes: int,
@@ -67,4 +67,4 @@ def prior_from_spec(spec: dict[str, Any]) -> Prior:
                        spec["cond_grid"], spec["cond_num_codes"], spec["cond_window"])
 
 
-__all__ = ["Prior", "block_classes", "build_prior", "normalize_spec", "prior_from_spec", "prior_spec"]
+__all__ = ["Decoding", "Prior", "block_classes", "build_prior", "normalize_spec", "prior_from_spec", "prior_spec"]

@@ -13,10 +13,30 @@ A prior built with ``num_classes == 0`` ignores labels (pass ``None``).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+from pipeline.config import check_decoding
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How a transformer prior runs its cached sampling steps (``sample.kv_cache``, ``sample.compile``).
+
+    ``kv_cache``: "dynamic" (transformers' ``DynamicCache``, grown by one position per step) or "static"
+    (``StaticCache``, preallocated at the first forward to every position the network sees). ``compile``:
+    ``torch.compile`` the one-code step, whose shapes the static cache keeps fixed. Priors whose sampling state does
+    not grow with the sequence (the PixelCNN keeps a few rows, already of fixed size) ignore both.
+    """
+
+    kv_cache: str = "dynamic"
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        check_decoding(self.kv_cache, self.compile)
 
 
 class Prior(nn.Module, ABC):
@@ -79,8 +99,10 @@ class Prior(nn.Module, ABC):
         labels: torch.Tensor | None,
         cond_codes: torch.Tensor | None,
         use_cache: bool = True,
+        decoding: Decoding | None = None,
     ) -> Any:
-        """Prepare autoregressive sampling of ``batch`` grids; returns an opaque state for ``step``."""
+        """Prepare autoregressive sampling of ``batch`` grids; returns an opaque state for ``step``. ``decoding``
+        (default ``Decoding()``) chooses a key/value cache where the prior has one."""
 
     @abstractmethod
     def step(self, state: Any, t: int, prev: torch.Tensor | None) -> torch.Tensor:

@@ -36,21 +36,26 @@ order, not with the grid), and its attention costs ``T`` positions, not ``P + T`
 
 Sampling (``begin`` / ``step``): with the key/value cache the prefix is run once and each step feeds only
 the code sampled at the previous position; without it every step recomputes the whole sequence so far
-(the slow baseline). Both give the same logits up to float rounding.
+(the slow baseline). Both give the same logits up to float rounding. The cache is transformers' ``DynamicCache``
+(grown by one position per step) or, with ``Decoding(kv_cache="static")``, its ``StaticCache`` preallocated to the
+``P + T`` positions the network sees, so every step has the same shapes and ``Decoding(compile=True)`` can
+``torch.compile`` the one-code step once (the prefix runs eagerly: it has its own shape and runs once per grid).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import Cache, DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, StaticCache
 
-from pipeline.priors.base import Prior
+from pipeline.priors.base import Decoding, Prior
 
 ARCHS = ("gpt2", "llama")
 
@@ -76,6 +81,7 @@ class _GPTState:
     tokens: torch.Tensor  # (B, L) the prefix, then (without the cache) every code fed so far
     window: torch.Tensor | None  # (B, T, n_embd) conditioning embeddings of every position (cond_window only)
     past: Any = None  # transformers Cache after the tokens above (use_cache only)
+    decode: Callable[..., torch.Tensor] | None = None  # _decode_step or its compiled form (use_cache only)
     first_logits: torch.Tensor | None = None  # (B, K) logits for t = 0, computed with the prefix (use_cache)
     next_t: int = 0
 
@@ -230,12 +236,16 @@ class GPTPrior(Prior):
         labels: torch.Tensor | None,
         cond_codes: torch.Tensor | None,
         use_cache: bool = True,
+        decoding: Decoding | None = None,
     ) -> _GPTState:
-        """Build the prefix; with ``use_cache`` run it once, keeping the key/value cache and t = 0 logits."""
+        """Build the prefix; with ``use_cache`` run it once, keeping the key/value cache (``decoding.kv_cache``) and
+        t = 0 logits."""
+        decoding = decoding or Decoding()
         prefix, window = self._prefix(batch, labels, cond_codes)
-        state = _GPTState(use_cache=use_cache, tokens=prefix, window=window)
+        state = _GPTState(use_cache=use_cache, tokens=prefix, window=window,
+                          decode=_compiled_decode_step() if decoding.compile else _decode_step)
         if use_cache:
-            out = self.model(**self._inputs(prefix, window, 0), cache=DynamicCache(config=self.model.config),
+            out = self.model(**self._inputs(prefix, window, 0), cache=self.new_cache(decoding.kv_cache),
                              use_cache=True, logits_to_keep=1)
             state.past = out.cache
             state.first_logits = self._code_logits(out.logits[:, -1])
@@ -260,13 +270,33 @@ class GPTPrior(Prior):
             new = prev.to(device=state.tokens.device, dtype=torch.long).view(-1, 1)
             if not state.use_cache:
                 state.tokens = torch.cat([state.tokens, new], dim=1)
-        if state.use_cache:
-            out = self.model(**self._inputs(new, state.window, self.prefix_len - 1 + t), cache=state.past,
-                             use_cache=True)
-            state.past = out.cache
-        else:  # baseline: recompute the whole sequence so far
-            out = self.model(**self._inputs(state.tokens, state.window, 0), use_cache=False, logits_to_keep=1)
+        if state.use_cache:  # the cache object is updated in place
+            inputs = self._inputs(new, state.window, self.prefix_len - 1 + t)
+            return self._code_logits(state.decode(self.model, inputs, state.past))
+        # baseline: recompute the whole sequence so far
+        out = self.model(**self._inputs(state.tokens, state.window, 0), use_cache=False, logits_to_keep=1)
         return self._code_logits(out.logits[:, -1])
+
+    def new_cache(self, kind: str) -> Cache:
+        """An empty key/value cache of ``kind`` (``Decoding.kv_cache``): a ``DynamicCache``, or a ``StaticCache`` of
+        ``n_positions``, whose keys and values (B, heads, n_positions, head size) per layer are allocated at the
+        first forward, the bytes ``cache_bytes_per_grid`` counts when every position is fed."""
+        if kind == "static":
+            return StaticCache(config=self.model.config, max_cache_len=self.n_positions)
+        return DynamicCache(config=self.model.config)
+
+
+def _decode_step(model: nn.Module, inputs: dict[str, torch.Tensor], cache: Cache) -> torch.Tensor:
+    """One position through the network, its keys and values written into ``cache``: (B, vocab) logits."""
+    return model(**inputs, cache=cache, use_cache=True).logits[:, -1]
+
+
+@functools.cache
+def _compiled_decode_step() -> Callable[..., torch.Tensor]:
+    """``_decode_step`` under ``torch.compile``, made once per process. Dynamo treats the model's weights as inputs,
+    so its graphs are keyed on shapes and dtypes, not on the model object: every prior of one shape (and the
+    bfloat16 copies made for each sampling call) reuses them; a new batch size, level or dtype compiles again."""
+    return torch.compile(_decode_step, dynamic=False)
 
 
 def _network_config(arch: str, vocab_size: int, bos: int, n_positions: int, n_layer: int, n_embd: int,

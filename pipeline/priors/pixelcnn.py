@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.priors.base import Prior
+from pipeline.priors.base import Decoding, Prior
 
 
 def _gate(x: torch.Tensor) -> torch.Tensor:
@@ -305,10 +305,13 @@ class GatedPixelCNN(Prior):
         labels: torch.Tensor | None,
         cond_codes: torch.Tensor | None,
         use_cache: bool = True,
+        decoding: Decoding | None = None,
     ) -> _SamplingState:
         """Start sampling ``batch`` grids. Runs the conditioning network once. ``use_cache=True`` selects the
         incremental step (one row of the vertical stack per completed row, the horizontal stack on the current
-        row only); ``use_cache=False`` recomputes the full network at every step (reference path)."""
+        row only); ``use_cache=False`` recomputes the full network at every step (reference path). ``decoding``
+        is ignored: this row cache does not grow with the sequence (a few rows per layer, of fixed size), so there
+        is no cache to preallocate, and compiling its two kinds of step (row start, within a row) is not done."""
         device = self.embed.weight.device
         cond_feat, label_bias = self._conditions(batch, labels, cond_codes, device)
         canvas = torch.zeros(batch, *self.grid, dtype=torch.long, device=device)
