@@ -26,11 +26,21 @@ N_TRAIN, SHARDS, N_TEST, BATCH = 96, 4, 16, 8  # per rank 48 examples, per reade
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    """The local dataset; offline and a private datasets cache for this module (the subprocesses inherit both)."""
+    """The local dataset; offline and a private datasets cache for this module. The subprocesses read both from
+    the environment; ``datasets`` in this process read it when first imported (maybe by an earlier test module), so
+    its config is set too: stage 2 here writes the map-style copy into the cache, never ~/.cache/huggingface."""
+    import datasets.config
+
     base = tmp_path_factory.mktemp("hub")
+    cache = base / "hf" / "datasets"
     with pytest.MonkeyPatch.context() as env:
         env.setenv("HF_DATASETS_OFFLINE", "1")
         env.setenv("HF_HOME", str(base / "hf"))
+        env.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+        env.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+        env.setattr(datasets.config, "DOWNLOADED_DATASETS_PATH", cache / datasets.config.DOWNLOADED_DATASETS_DIR)
+        env.setattr(datasets.config, "EXTRACTED_DATASETS_PATH", cache / datasets.config.DOWNLOADED_DATASETS_DIR /
+                    datasets.config.EXTRACTED_DATASETS_DIR)
         yield parquet_dataset(base / "repo", N_TRAIN, SHARDS, N_TEST)
 
 
