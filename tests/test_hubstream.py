@@ -1,5 +1,5 @@
 """Streaming stage 1 from a Hub dataset (data.source=hub, data.streaming=always), offline on a local copy laid out as
-the Hub lays one out (parquet shards): readers resume mid-block exactly; with 2 processes (Fabric's launcher) the
+the Hub lays one out (parquet shards): readers resume mid-block exactly; with 2 processes (both started at once) the
 ranks read disjoint parts that cover the training split and a run stopped by Ctrl-C and resumed ends with the
 weights of one that ran straight; stage 2 reads the run without decoding into RUN/data/cache; bad values are one
 line."""
@@ -75,14 +75,15 @@ def test_a_reader_resumes_mid_block_and_across_epochs_exactly(repo, monkeypatch)
 @pytest.fixture(scope="module")
 def hub_runs(repo, tmp_path_factory):
     """Stage 1 streamed with 2 processes x 2 workers for 8 steps, straight; and stopped by Ctrl-C in step 3, then
-    resumed."""
+    resumed. Both ranks start at once (tests/test_streaming.py runs Fabric's launcher, which starts rank 1 only
+    after rank 0 has imported everything)."""
     base = tmp_path_factory.mktemp("hubruns")
     args = ["fabric.devices=2", "data.source=hub", f"data.name={repo}", "data.image_size=16", "data.streaming=always",
             "data.num_workers=2", "data.max_images=0", "data.hflip=true", f"stage1.batch_size={BATCH}",
             "stage1.max_steps=8", "stage1.checkpoint_every=100", "stage1.eval_every=100", "stage1.grid_images=4"]
-    straight = recorded_command(base / "log", base / "straight", args)
-    stopped = recorded_command(base / "log-stopped", base / "stopped", args, stop_at=3)
-    resumed = recorded_command(base / "log-resumed", base / "stopped", args)
+    straight = recorded_command(base / "log", base / "straight", args, ranks_at_once=2)
+    stopped = recorded_command(base / "log-stopped", base / "stopped", args, stop_at=3, ranks_at_once=2)
+    resumed = recorded_command(base / "log-resumed", base / "stopped", args, ranks_at_once=2)
     return base, straight, stopped, resumed
 
 
