@@ -114,7 +114,7 @@ def test_streamed_hub_resume_after_ctrl_c_ends_with_the_straight_weights(hub_run
 
 
 @pytest.mark.slow
-def test_stage2_reads_a_streamed_hub_run_without_a_data_cache(hub_runs, tmp_path):
+def test_stage2_reads_a_streamed_hub_run_without_a_data_cache(repo, hub_runs, tmp_path):
     base, straight, _, _ = hub_runs
     assert straight.returncode == 0
     run_dir = shutil.copytree(base / "straight", tmp_path / "run")
@@ -122,6 +122,7 @@ def test_stage2_reads_a_streamed_hub_run_without_a_data_cache(hub_runs, tmp_path
     splits = json.loads((run_dir / "codes" / "manifest.json").read_text())["splits"]
     assert (splits["train"]["n"], splits["holdout"]["n"]) == (N_TRAIN, N_TEST)  # every training image, map-style
     assert not (run_dir / "data" / "cache").exists()
+    assert list((repo.parent / "hf" / "datasets").rglob("*.arrow"))  # the map-style copy: this module's cache
 
 
 @pytest.mark.parametrize("overrides,message", [
