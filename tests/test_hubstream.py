@@ -1,5 +1,5 @@
 """Streaming stage 1 from a Hub dataset (data.source=hub, data.streaming=always), offline on a local copy laid out as
-the Hub lays one out (parquet shards): readers resume mid-block exactly; with 2 processes (Fabric's launcher) the
+the Hub lays one out (parquet shards): readers resume mid-block exactly; with 2 processes (both started at once) the
 ranks read disjoint parts that cover the training split and a run stopped by Ctrl-C and resumed ends with the
 weights of one that ran straight; stage 2 reads the run without decoding into RUN/data/cache; bad values are one
 line."""
@@ -26,11 +26,21 @@ N_TRAIN, SHARDS, N_TEST, BATCH = 96, 4, 16, 8  # per rank 48 examples, per reade
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    """The local dataset; offline and a private datasets cache for this module (the subprocesses inherit both)."""
+    """The local dataset; offline and a private datasets cache for this module. The subprocesses read both from
+    the environment; ``datasets`` in this process read it when first imported (maybe by an earlier test module), so
+    its config is set too: stage 2 here writes the map-style copy into the cache, never ~/.cache/huggingface."""
+    import datasets.config
+
     base = tmp_path_factory.mktemp("hub")
+    cache = base / "hf" / "datasets"
     with pytest.MonkeyPatch.context() as env:
         env.setenv("HF_DATASETS_OFFLINE", "1")
         env.setenv("HF_HOME", str(base / "hf"))
+        env.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+        env.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+        env.setattr(datasets.config, "DOWNLOADED_DATASETS_PATH", cache / datasets.config.DOWNLOADED_DATASETS_DIR)
+        env.setattr(datasets.config, "EXTRACTED_DATASETS_PATH", cache / datasets.config.DOWNLOADED_DATASETS_DIR /
+                    datasets.config.EXTRACTED_DATASETS_DIR)
         yield parquet_dataset(base / "repo", N_TRAIN, SHARDS, N_TEST)
 
 
@@ -65,14 +75,15 @@ def test_a_reader_resumes_mid_block_and_across_epochs_exactly(repo, monkeypatch)
 @pytest.fixture(scope="module")
 def hub_runs(repo, tmp_path_factory):
     """Stage 1 streamed with 2 processes x 2 workers for 8 steps, straight; and stopped by Ctrl-C in step 3, then
-    resumed."""
+    resumed. Both ranks start at once (tests/test_streaming.py runs Fabric's launcher, which starts rank 1 only
+    after rank 0 has imported everything)."""
     base = tmp_path_factory.mktemp("hubruns")
     args = ["fabric.devices=2", "data.source=hub", f"data.name={repo}", "data.image_size=16", "data.streaming=always",
             "data.num_workers=2", "data.max_images=0", "data.hflip=true", f"stage1.batch_size={BATCH}",
             "stage1.max_steps=8", "stage1.checkpoint_every=100", "stage1.eval_every=100", "stage1.grid_images=4"]
-    straight = recorded_command(base / "log", base / "straight", args)
-    stopped = recorded_command(base / "log-stopped", base / "stopped", args, stop_at=3)
-    resumed = recorded_command(base / "log-resumed", base / "stopped", args)
+    straight = recorded_command(base / "log", base / "straight", args, ranks_at_once=2)
+    stopped = recorded_command(base / "log-stopped", base / "stopped", args, stop_at=3, ranks_at_once=2)
+    resumed = recorded_command(base / "log-resumed", base / "stopped", args, ranks_at_once=2)
     return base, straight, stopped, resumed
 
 
@@ -103,7 +114,7 @@ def test_streamed_hub_resume_after_ctrl_c_ends_with_the_straight_weights(hub_run
 
 
 @pytest.mark.slow
-def test_stage2_reads_a_streamed_hub_run_without_a_data_cache(hub_runs, tmp_path):
+def test_stage2_reads_a_streamed_hub_run_without_a_data_cache(repo, hub_runs, tmp_path):
     base, straight, _, _ = hub_runs
     assert straight.returncode == 0
     run_dir = shutil.copytree(base / "straight", tmp_path / "run")
@@ -111,6 +122,7 @@ def test_stage2_reads_a_streamed_hub_run_without_a_data_cache(hub_runs, tmp_path
     splits = json.loads((run_dir / "codes" / "manifest.json").read_text())["splits"]
     assert (splits["train"]["n"], splits["holdout"]["n"]) == (N_TRAIN, N_TEST)  # every training image, map-style
     assert not (run_dir / "data" / "cache").exists()
+    assert list((repo.parent / "hf" / "datasets").rglob("*.arrow"))  # the map-style copy: this module's cache
 
 
 @pytest.mark.parametrize("overrides,message", [

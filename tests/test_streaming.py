@@ -177,14 +177,34 @@ def stage1_recorded(log: Path, run_dir: Path, folder: Path, stop_at: int = -1) -
     return recorded_command(log, run_dir, [*STREAM, f"data.path={folder}"], stop_at)
 
 
-def recorded_command(log: Path, run_dir: Path, overrides: list[str], stop_at: int = -1) -> subprocess.CompletedProcess:
-    """tests.stream_helper's stage 1 with ``overrides`` in a clean environment (Fabric's launcher starts the ranks)."""
+def recorded_command(log: Path, run_dir: Path, overrides: list[str], stop_at: int = -1,
+                     ranks_at_once: int = 0) -> subprocess.CompletedProcess:
+    """tests.stream_helper's stage 1 with ``overrides`` in a clean environment. Fabric's launcher starts the ranks:
+    rank 0 starts rank 1 once it has imported everything, and rank 1 then imports it all again while rank 0 waits
+    (about half of a launch's time). With ``ranks_at_once`` (the fabric.devices of ``overrides``) this function
+    starts every rank itself, at once, with the environment Fabric's launcher gives the ranks it starts; the
+    result is rank 0's, its stderr followed by the other ranks' and its return code the first non-zero one."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
                                                             "MASTER_PORT", "NODE_RANK", "TORCHELASTIC_RUN_ID")}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "tests.stream_helper", str(log), str(stop_at), "--", "--config", SMOKE, "--run",
            str(run_dir), *overrides]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if not ranks_at_once:
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), NODE_RANK="0", WORLD_SIZE=str(ranks_at_once))
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env={**env, "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(ranks_at_once)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    code = next((p.returncode for p in procs if p.returncode), 0)
+    return subprocess.CompletedProcess(cmd, code, outs[0][0], "".join(err for _, err in outs))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def decoded_files(log: Path, who: str) -> list[str]:
