@@ -85,6 +85,7 @@ class VQVAEConfig:
     kmeans_init: bool = True  # initialise codebooks from the first batch's encoder outputs (k-means)
     kmeans_iters: int = 10  # k-means iterations of that initialisation
     restart_after: int = 50  # restart a code unused for this many steps (0 = never)
+    recon_loss: str = "mse"  # mse | bounded (no penalty past -1 or 1 where the target is there: black stays black)
 
     def level_strides(self) -> list[int]:
         """Each level's downsampling relative to the level below, bottom first (the bottom's relative to the
@@ -643,6 +644,7 @@ def validate(cfg: Config) -> None:
     _check(v.code_dim >= 1, "vqvae.code_dim", v.code_dim, "must be >= 1")
     _check(v.beta >= 0, "vqvae.beta", v.beta, "must be >= 0")
     _check_choice("vqvae.quantizer", v.quantizer, ("ema", "loss"))
+    _check_choice("vqvae.recon_loss", v.recon_loss, ("mse", "bounded"))
     _check(0 < v.decay < 1, "vqvae.decay", v.decay, "must be in (0, 1)")
     _check(v.eps > 0, "vqvae.eps", v.eps, "must be > 0")
     _check(v.kmeans_iters >= 0, "vqvae.kmeans_iters", v.kmeans_iters, "must be >= 0")

@@ -64,6 +64,16 @@ def _decoder(in_ch: int, out_ch: int, ch: int, res_ch: int, n_res: int, stride: 
     return nn.Sequential(*layers[:-1])
 
 
+def bounded_mse(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE that does not penalise overshooting the pixel range where the target sits at its edge: a pixel whose
+    target is -1 (or 1) and whose output is below -1 (above 1) costs nothing, since it displays as the target.
+    Every pixel with an interior target keeps its gradient, so unlike clamping the output the decoder cannot die.
+    Plain MSE pulls a flat black background to -1 from both sides, so half of it shows as faint grey noise."""
+    recon, target = recon.float(), target.float()
+    past_edge = ((target <= -1) & (recon < -1)) | ((target >= 1) & (recon > 1))
+    return torch.where(past_edge, torch.zeros_like(recon), recon - target).square().mean()
+
+
 def _upsampler(dim: int, factor: int) -> nn.Module:
     """Code vectors of a level upsampled ``factor`` times (a power of two) to the bottom grid."""
     layers: list[nn.Module] = []
@@ -146,14 +156,19 @@ class VQVAE2(nn.Module):
         ups = [up(v) for up, v in zip(self.upsamplers, vecs)]  # all at the bottom grid
         return self.decoder(torch.cat(ups, 1))
 
+    def _shown(self, recon: torch.Tensor) -> torch.Tensor:
+        """The decoder's output as an image: trained with ``bounded`` MSE, values past -1 or 1 mean the edge itself."""
+        return recon.clamp(-1.0, 1.0) if self.cfg.recon_loss == "bounded" else recon
+
     def forward(self, x: torch.Tensor) -> VQVAEOutput:
         outs, vecs = self._quantize(x)
         recon = self._decode_vectors(vecs)
-        recon_loss = F.mse_loss(recon.float(), x.float())
+        bounded = self.cfg.recon_loss == "bounded"
+        recon_loss = bounded_mse(recon, x) if bounded else F.mse_loss(recon.float(), x.float())
         q_loss = sum(o.loss for o in outs)
         top_first = list(reversed(outs))
         return VQVAEOutput(
-            reconstruction=recon,
+            reconstruction=self._shown(recon),
             loss=recon_loss + q_loss,
             recon_loss=recon_loss,
             quantizer_loss=q_loss,
@@ -169,9 +184,9 @@ class VQVAE2(nn.Module):
         return [o.indices for o in reversed(outs)]
 
     def decode_codes(self, codes: list[torch.Tensor]) -> torch.Tensor:
-        """Code grids per level (top first) -> images (B, C, H, W), roughly in [-1, 1]."""
+        """Code grids per level (top first) -> images (B, C, H, W), roughly in [-1, 1] (within it: ``bounded``)."""
         if len(codes) != self.levels:
             raise ValueError(f"expected {self.levels} code grids (top first), got {len(codes)}")
         vecs = [q.dequantize(c) for q, c in zip(self.quantizers, reversed(codes))]  # bottom first
         dtype = next(self.decoder.parameters()).dtype
-        return self._decode_vectors([v.to(dtype) for v in vecs])
+        return self._shown(self._decode_vectors([v.to(dtype) for v in vecs]))

@@ -13,6 +13,7 @@ from pipeline.config import Config, ConfigError, load_config, parse_override
         ("data.image_size=30", "data.image_size=30 is not allowed: must be divisible by the total downsampling"),
         ("vqvae.codebook_size=1", "vqvae.codebook_size=1 is not allowed: must be >= 2"),
         ("vqvae.quantizer=kmeans", "vqvae.quantizer='kmeans' is not allowed: choose one of ema, loss"),
+        ("vqvae.recon_loss=l1", "vqvae.recon_loss='l1' is not allowed: choose one of mse, bounded"),
         ("vqvae.kmeans_init=maybe", "vqvae.kmeans_init='maybe': expected true or false"),
         ("sample.top_p=1.5", "sample.top_p=1.5 is not allowed: must be in (0, 1]"),
         ("sample.temperature=0", "sample.temperature=0.0 is not allowed: must be > 0"),
