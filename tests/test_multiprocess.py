@@ -337,15 +337,24 @@ def test_torchrun_run_folder_is_written_once_by_rank_zero(torchrun_ranks):
     assert stdout.count("stage 1 done") == 1
 
 
+@pytest.fixture(scope="module")
+def resume_runs(tmp_path_factory):
+    """tests/mp_resume_helper.py under DDP and under FSDP with sharded checkpoints, one launch for both (one after
+    the other in the same two processes). Returns ({kind: rank 0's result}, run folder, process)."""
+    base = tmp_path_factory.mktemp("resume")
+    out = base / "resume.json"
+    proc = run_cmd(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                    "tests.mp_resume_helper", str(base / "run"), str(out), "ddp", "sharded"])
+    assert proc.returncode == 0
+    return json.loads(out.read_text()), base / "run", proc
+
+
 @pytest.mark.slow
-def test_two_process_resume_is_bit_exact(tmp_path):
+def test_two_process_resume_is_bit_exact(resume_runs):
     """Every rank's RNG state is saved and restored: a 2-process run stopped by Ctrl-C and resumed ends with the
     same weights as one that ran straight, although each rank's loss draws its own random numbers."""
-    out = tmp_path / "resume.json"
-    proc = run_cmd(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                    "tests.mp_resume_helper", str(tmp_path / "run"), str(out)])
-    assert proc.returncode == 0
-    result = json.loads(out.read_text())
+    result = resume_runs[0]["ddp"]
+    assert result["strategy"] == "DDPStrategy"
     assert result["stopped_at"] == 3 and result["steps"] == [8, 8]  # stopped after step 3 of 8, then resumed
     assert result["rng_ranks"] == [2, 5056]  # both ranks' torch RNG states in the checkpoint
     assert result["equal"]
@@ -555,19 +564,17 @@ def test_fsdp_shards_a_prior_block_by_block_and_holds_half_its_parameters(tmp_pa
 
 
 @pytest.mark.slow
-def test_fsdp_sharded_checkpoints_resume_bit_exact_and_become_one_file(tmp_path, capsys):
+def test_fsdp_sharded_checkpoints_resume_bit_exact_and_become_one_file(resume_runs, capsys):
     """fabric.fsdp_checkpoint=sharded: each rank writes its shard (no rank gathers the model), a 2-process resume
     reads the shards and ends bit-exact with the straight run, and training ends with the single file every stage
     loads (plain parameter names, optimizer state by name); one process resumes a stopped run from the shards."""
-    out = tmp_path / "resume.json"
-    proc = run_cmd(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                    "tests.mp_resume_helper", str(tmp_path / "run"), str(out), "sharded"])
-    assert proc.returncode == 0
-    result = json.loads(out.read_text())
+    results, run_dir, proc = resume_runs
+    result = results["sharded"]
+    assert result["strategy"] == "FullStateFSDP"
     assert result["stopped_at"] == 3 and result["steps"] == [8, 8] and result["equal"]
     assert result["shards"] == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]  # one shard per rank
     assert not result["file_when_stopped"]  # the stop saved shards only
-    assert proc.stdout.count(f"resuming from {tmp_path / 'run' / 'stopped' / 'last.dcp'} at step 3") == 1
+    assert proc.stdout.count(f"resuming from {run_dir / 'sharded' / 'stopped' / 'last.dcp'} at step 3") == 1
     assert result["model_keys"] == ["bias", "weight"] and result["optimizer_groups"] == [["weight"], ["bias"]]
     # torch's sharded tensors need contiguous parameters: channels_last is refused before training, in one line
     assert result["channels_last"].startswith("conv: parameters in the channels_last memory format cannot be saved")
@@ -576,7 +583,7 @@ def test_fsdp_sharded_checkpoints_resume_bit_exact_and_become_one_file(tmp_path,
     from pipeline.training import fit
     from tests.mp_resume_helper import task, train_config
 
-    stopped = tmp_path / "run" / "interrupted"
+    stopped = run_dir / "sharded" / "interrupted"
     assert not (stopped / "last.ckpt").exists()
     fit(make_fabric(FabricConfig(devices=1, precision="32-true", threads=1)), task(), train_config(), stopped)
     assert f"resuming from {stopped / 'last.ckpt'} at step 3" in capsys.readouterr().out  # converted first
