@@ -1,13 +1,15 @@
 """Helper of tests/test_multiprocess.py, started by torchrun with 2 processes:
 
-    python -m torch.distributed.run --standalone --nproc_per_node=2 -m tests.mp_resume_helper DIR OUT.json [sharded]
+    python -m torch.distributed.run --standalone --nproc_per_node=2 -m tests.mp_resume_helper DIR OUT.json KIND...
 
 Each rank runs ``fit`` three times on a task whose loss draws from the global RNG on every rank (like class
 dropout): straight to the end; stopped by Ctrl-C (SIGINT on every rank) in the middle; then resumed after
 reseeding (what a fresh process would have). Rank 0 writes whether the resumed weights equal the straight
-run's, bit for bit, and the step where the stop happened. With ``sharded``: under FSDP with sharded checkpoints
-(the resume reads the shards; the compared files are the conversions written when training ends), and a fourth
-run is left stopped (DIR/interrupted) for the test to resume in one process.
+run's, bit for bit, and the step where the stop happened. KIND ``ddp``: under DDP, in DIR/ddp. KIND ``sharded``:
+under FSDP with sharded checkpoints (the resume reads the shards; the compared files are the conversions written
+when training ends), in DIR/sharded, and a fourth run is left stopped (DIR/sharded/interrupted) for the test to
+resume in one process. Several kinds run one after the other in the same two processes (the first Fabric sets up
+the process group, the next reuses it), and OUT.json holds ``{KIND: result}``.
 """
 
 from __future__ import annotations
@@ -53,11 +55,10 @@ def train_config() -> TrainConfig:
                        log_every=100, channels_last=False, grad_clip=0)
 
 
-def main() -> None:
-    run, out = Path(sys.argv[1]), Path(sys.argv[2])
-    kind = sys.argv[3] if len(sys.argv) > 3 else ""
+def scenario(run: Path, kind: str) -> dict | None:
+    """The runs of one KIND in ``run``; rank 0 returns what the test checks, the other ranks None."""
     sharded = kind == "sharded"
-    fsdp = {"strategy": "fsdp", "fsdp_checkpoint": kind} if kind else {}
+    fsdp = {"strategy": "fsdp", "fsdp_checkpoint": kind} if sharded else {}
     fabric = make_fabric(FabricConfig(devices=2, precision="32-true", threads=1, **fsdp))
     tcfg = train_config()
     fit(fabric, task(), tcfg, run / "straight")
@@ -82,15 +83,23 @@ def main() -> None:
             fit(fabric, conv, replace(tcfg, channels_last=True), run / "conv", desc="conv")
         except UserError as err:
             channels_last = str(err)
-    if fabric.global_rank == 0:
-        a = load_checkpoint(run / "straight" / "last.ckpt")
-        b = load_checkpoint(run / "stopped" / "last.ckpt")
-        out.write_text(json.dumps({
-            "stopped_at": stopped_at, "steps": [a["step"], b["step"]],
+    if fabric.global_rank != 0:
+        return None
+    a = load_checkpoint(run / "straight" / "last.ckpt")
+    b = load_checkpoint(run / "stopped" / "last.ckpt")
+    return {"stopped_at": stopped_at, "steps": [a["step"], b["step"]],
             "equal": all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]),
             "rng_ranks": list(b.get("rng_ranks", {}).get("torch", torch.empty(0)).shape),
             "shards": shards, "file_when_stopped": stopped_file, "model_keys": sorted(b["model"]),
-            "optimizer_groups": [g["params"] for g in b["optimizer"]["param_groups"]], "channels_last": channels_last}))
+            "optimizer_groups": [g["params"] for g in b["optimizer"]["param_groups"]], "channels_last": channels_last,
+            "strategy": type(fabric.strategy).__name__}
+
+
+def main() -> None:
+    run, out, kinds = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
+    results = {kind: scenario(run / kind, kind) for kind in kinds}
+    if os.environ.get("RANK") == "0":
+        out.write_text(json.dumps(results))
     close_distributed()
 
 

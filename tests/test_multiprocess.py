@@ -271,17 +271,39 @@ def test_a_failure_on_any_rank_is_raised_on_every_rank():
 # torchrun: both ranks observed
 
 
+# stage 1 under torchrun, one launch for three runs one after the other in the same two processes (tests/mp_helper.py):
+# DDP, FSDP with the same settings (compared with DDP below), and FSDP with bf16-mixed
+STAGE1_RUN = ["stage1.max_steps=8", "stage1.checkpoint_every=4", "stage1.eval_every=4", "vqvae.restart_after=2"]
+FSDP = ["fabric.devices=2", "fabric.strategy=fsdp"]
+STAGE1_RUNS = {"ddp": STAGE1_RUN, "fsdp": [*FSDP, *STAGE1_RUN],
+               "fsdp_bf16": ["fabric.strategy=fsdp", "fabric.precision=bf16-mixed", "stage1.max_steps=4",
+                             "stage1.eval_every=4"]}
+
+
 @pytest.fixture(scope="module")
-def torchrun_ranks(tmp_path_factory):
-    """Stage 1 for 8 steps under torchrun with 2 processes; restarts after 2 idle steps so the k-means init,
-    EMA all-reduce and restart broadcast all run. Returns (per-rank records, run folder, process)."""
+def torchrun_stage1(tmp_path_factory):
+    """Stage 1 for 8 steps under torchrun with 2 processes, under DDP and under FSDP; restarts after 2 idle steps
+    so the k-means init, EMA all-reduce and restart broadcast all run; and 4 steps of FSDP in bf16-mixed. Returns
+    {name: (per-rank records, run folder, the run's stdout)} and the process."""
+    from tests.mp_helper import MARK
+
     base = tmp_path_factory.mktemp("torchrun")
-    out, run_dir = base / "ranks.json", base / "run"
+    out, args = base / "ranks.json", []
+    for name, overrides in STAGE1_RUNS.items():
+        args += ["--", name, str(base / name), *overrides]
     proc = run_cmd(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tests.mp_helper",
-                    str(run_dir), str(out), "stage1.max_steps=8", "stage1.checkpoint_every=4",
-                    "stage1.eval_every=4", "vqvae.restart_after=2"])
+                    str(out), *args[1:]])
     assert proc.returncode == 0
-    return json.loads(out.read_text()), run_dir, proc
+    records = json.loads(out.read_text())
+    stdout = dict(part.split("\n", 1) for part in proc.stdout.split(MARK)[1:])  # each run's output by its name
+    assert list(records) == list(stdout) == list(STAGE1_RUNS)
+    return {name: (records[name], base / name, stdout[name]) for name in STAGE1_RUNS}, proc
+
+
+@pytest.fixture(scope="module")
+def torchrun_ranks(torchrun_stage1):
+    """The DDP run of ``torchrun_stage1``: (per-rank records, run folder, its stdout)."""
+    return torchrun_stage1[0]["ddp"]
 
 
 @pytest.mark.slow
@@ -302,7 +324,7 @@ def test_torchrun_ranks_hold_identical_weights_and_codebooks(torchrun_ranks):
 
 @pytest.mark.slow
 def test_torchrun_run_folder_is_written_once_by_rank_zero(torchrun_ranks):
-    _, run_dir, proc = torchrun_ranks
+    _, run_dir, stdout = torchrun_ranks
     cached = [f for f in files(run_dir) if f.startswith("data/cache/")]
     tensorboard = [f for f in files(run_dir) if f.startswith("stage1/tensorboard/")]
     assert len(tensorboard) == 1 and "/version_0/events.out.tfevents." in tensorboard[0]  # one event file: rank 0's
@@ -312,18 +334,27 @@ def test_torchrun_run_folder_is_written_once_by_rank_zero(torchrun_ranks):
     assert len({f.split("/")[2] for f in cached}) == 1 and any(f.endswith("/info.json") for f in cached)  # rank 0
     assert not any("/." in f for f in cached)  # no temporary folder of a second preparation left behind
     assert load_checkpoint(run_dir / "stage1" / "last.ckpt")["step"] == 8
-    assert proc.stdout.count("stage 1 done") == 1
+    assert stdout.count("stage 1 done") == 1
+
+
+@pytest.fixture(scope="module")
+def resume_runs(tmp_path_factory):
+    """tests/mp_resume_helper.py under DDP and under FSDP with sharded checkpoints, one launch for both (one after
+    the other in the same two processes). Returns ({kind: rank 0's result}, run folder, process)."""
+    base = tmp_path_factory.mktemp("resume")
+    out = base / "resume.json"
+    proc = run_cmd(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                    "tests.mp_resume_helper", str(base / "run"), str(out), "ddp", "sharded"])
+    assert proc.returncode == 0
+    return json.loads(out.read_text()), base / "run", proc
 
 
 @pytest.mark.slow
-def test_two_process_resume_is_bit_exact(tmp_path):
+def test_two_process_resume_is_bit_exact(resume_runs):
     """Every rank's RNG state is saved and restored: a 2-process run stopped by Ctrl-C and resumed ends with the
     same weights as one that ran straight, although each rank's loss draws its own random numbers."""
-    out = tmp_path / "resume.json"
-    proc = run_cmd(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                    "tests.mp_resume_helper", str(tmp_path / "run"), str(out)])
-    assert proc.returncode == 0
-    result = json.loads(out.read_text())
+    result = resume_runs[0]["ddp"]
+    assert result["strategy"] == "DDPStrategy"
     assert result["stopped_at"] == 3 and result["steps"] == [8, 8]  # stopped after step 3 of 8, then resumed
     assert result["rng_ranks"] == [2, 5056]  # both ranks' torch RNG states in the checkpoint
     assert result["equal"]
@@ -448,34 +479,23 @@ def test_every_rank_extracts_its_own_codes_and_they_equal_one_process(stage2_two
 # ---------------------------------------------------------------------------------------------------------
 # FSDP (torch's FullyShardedDataParallel over gloo: the same strategy code as on GPUs, on CPU processes)
 
-FSDP = ["fabric.devices=2", "fabric.strategy=fsdp"]
-
-
 def launch_stage(stage: str, run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     """The stage command with Fabric's own launcher (it starts the second process)."""
     return run_cmd(["-m", f"stages.{stage}", "--config", SMOKE, "--run", str(run_dir), *overrides])
 
 
-@pytest.fixture(scope="module")
-def fsdp_and_ddp(tmp_path_factory):
-    """Stage 1 for 10 steps with 2 processes, once under FSDP and once under DDP (same data shards)."""
-    base = tmp_path_factory.mktemp("fsdp")
-    out = {}
-    for name, extra in (("fsdp", FSDP), ("ddp", ["fabric.devices=2"])):
-        run_dir = base / name
-        proc = launch_stage("stage1", run_dir, *extra, "stage1.max_steps=10", "stage1.eval_every=10")
-        out[name] = (run_dir, proc)
-    return out
-
-
 @pytest.mark.slow
-def test_fsdp_trains_stage1_like_ddp(fsdp_and_ddp):
-    (fsdp_dir, fsdp), (ddp_dir, ddp) = fsdp_and_ddp["fsdp"], fsdp_and_ddp["ddp"]
-    assert fsdp.returncode == 0 and ddp.returncode == 0
-    assert fsdp.stdout.count("stage 1 done") == 1  # rank 0 reports; validation ran on both ranks without a hang
+def test_fsdp_trains_stage1_like_ddp(torchrun_stage1):
+    """Stage 1 under FSDP and under DDP (``torchrun_stage1``: the same settings, data shards and seeds) ends with
+    the same weights and Adam moments, saved alike."""
+    runs = torchrun_stage1[0]
+    (fsdp_ranks, fsdp_dir, fsdp_out), (ddp_ranks, ddp_dir, _) = runs["fsdp"], runs["ddp"]
+    assert [r["strategy"] for r in fsdp_ranks] == ["FullStateFSDP"] * 2
+    assert [r["strategy"] for r in ddp_ranks] == ["DDPStrategy"] * 2
+    assert fsdp_out.count("stage 1 done") == 1  # rank 0 reports; validation ran on both ranks without a hang
     a, b = (load_checkpoint(d / "stage1" / "last.ckpt") for d in (fsdp_dir, ddp_dir))
     # a full (consolidated) state dict: one file, the plain module's parameter names, nothing sharded
-    assert list(a["model"]) == list(b["model"]) and a["step"] == b["step"] == 10
+    assert list(a["model"]) == list(b["model"]) and a["step"] == b["step"] == 8
     for key in a["model"]:
         assert a["model"][key].shape == b["model"][key].shape
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-4, atol=1e-5)
@@ -489,37 +509,33 @@ def test_fsdp_trains_stage1_like_ddp(fsdp_and_ddp):
 
 
 @pytest.mark.slow
-def test_fsdp_mixed_precision_keeps_the_quantizer_statistics_in_float32(tmp_path):
+def test_fsdp_mixed_precision_keeps_the_quantizer_statistics_in_float32(torchrun_stage1):
     """Fabric's FSDP bf16-mixed would cast buffers (the EMA codebook statistics) to bf16 too."""
-    out = tmp_path / "ranks.json"
-    proc = run_cmd(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tests.mp_helper",
-                    str(tmp_path / "run"), str(out), "fabric.strategy=fsdp", "fabric.precision=bf16-mixed",
-                    "stage1.max_steps=4", "stage1.eval_every=4"])
-    assert proc.returncode == 0
-    for rank in json.loads(out.read_text()):
+    ranks, run_dir, _ = torchrun_stage1[0]["fsdp_bf16"]
+    for rank in ranks:
         assert rank["strategy"] == "FullStateFSDP"
         dtypes = rank["buffer_dtypes"]
         assert {k for k in dtypes if k.endswith(("ema_sum", "ema_count", "codebook"))}  # the EMA quantizer's
         assert all(d in ("torch.float32", "torch.int64", "torch.bool") for d in dtypes.values()), dtypes
-    mse = load_checkpoint(tmp_path / "run" / "stage1" / "last.ckpt")["metrics"]["mse"]
+    mse = load_checkpoint(run_dir / "stage1" / "last.ckpt")["metrics"]["mse"]
     assert np.isfinite(mse)
 
 
 @pytest.mark.slow
-def test_fsdp_checkpoints_resume_in_one_process_and_the_other_way(fsdp_and_ddp, capsys):
-    run_dir = fsdp_and_ddp["fsdp"][0]
+def test_fsdp_checkpoints_resume_in_one_process_and_the_other_way(torchrun_stage1, capsys):
+    run_dir = torchrun_stage1[0]["fsdp"][1]
     last = run_dir / "stage1" / "last.ckpt"
-    assert run(stage1, run_dir, "stage1.max_steps=15") == 0  # FSDP checkpoint -> 1 process
-    assert f"resuming from {last} at step 10" in capsys.readouterr().out
-    proc = launch_stage("stage1", run_dir, *FSDP, "stage1.max_steps=20")  # 1-process checkpoint -> FSDP
-    assert proc.returncode == 0 and proc.stdout.count(f"resuming from {last} at step 15") == 1
+    assert run(stage1, run_dir, *STAGE1_RUN[1:], "stage1.max_steps=13") == 0  # FSDP checkpoint -> 1 process
+    assert f"resuming from {last} at step 8" in capsys.readouterr().out
+    proc = launch_stage("stage1", run_dir, *FSDP, *STAGE1_RUN[1:], "stage1.max_steps=18")  # 1-process -> FSDP
+    assert proc.returncode == 0 and proc.stdout.count(f"resuming from {last} at step 13") == 1
     ckpt = load_checkpoint(last)
-    assert ckpt["step"] == 20 and np.isfinite(ckpt["metrics"]["mse"])
+    assert ckpt["step"] == 18 and np.isfinite(ckpt["metrics"]["mse"])
 
 
 @pytest.mark.slow
-def test_fsdp_stage2_then_sampling_in_one_process(fsdp_and_ddp, tmp_path, capsys):
-    run_dir = copy_run(fsdp_and_ddp["ddp"][0], tmp_path / "run", parts=("config.yaml", "stage1"))
+def test_fsdp_stage2_then_sampling_in_one_process(torchrun_stage1, tmp_path, capsys):
+    run_dir = copy_run(torchrun_stage1[0]["ddp"][1], tmp_path / "run", parts=("config.yaml", "stage1"))
     proc = launch_stage("stage2", run_dir, *FSDP, "stage2.max_steps=10")
     assert proc.returncode == 0
     assert proc.stdout.count("stage 2 done: top prior") == 1 and proc.stdout.count("stage 2 done: bottom prior") == 1
@@ -548,19 +564,17 @@ def test_fsdp_shards_a_prior_block_by_block_and_holds_half_its_parameters(tmp_pa
 
 
 @pytest.mark.slow
-def test_fsdp_sharded_checkpoints_resume_bit_exact_and_become_one_file(tmp_path, capsys):
+def test_fsdp_sharded_checkpoints_resume_bit_exact_and_become_one_file(resume_runs, capsys):
     """fabric.fsdp_checkpoint=sharded: each rank writes its shard (no rank gathers the model), a 2-process resume
     reads the shards and ends bit-exact with the straight run, and training ends with the single file every stage
     loads (plain parameter names, optimizer state by name); one process resumes a stopped run from the shards."""
-    out = tmp_path / "resume.json"
-    proc = run_cmd(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                    "tests.mp_resume_helper", str(tmp_path / "run"), str(out), "sharded"])
-    assert proc.returncode == 0
-    result = json.loads(out.read_text())
+    results, run_dir, proc = resume_runs
+    result = results["sharded"]
+    assert result["strategy"] == "FullStateFSDP"
     assert result["stopped_at"] == 3 and result["steps"] == [8, 8] and result["equal"]
     assert result["shards"] == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]  # one shard per rank
     assert not result["file_when_stopped"]  # the stop saved shards only
-    assert proc.stdout.count(f"resuming from {tmp_path / 'run' / 'stopped' / 'last.dcp'} at step 3") == 1
+    assert proc.stdout.count(f"resuming from {run_dir / 'sharded' / 'stopped' / 'last.dcp'} at step 3") == 1
     assert result["model_keys"] == ["bias", "weight"] and result["optimizer_groups"] == [["weight"], ["bias"]]
     # torch's sharded tensors need contiguous parameters: channels_last is refused before training, in one line
     assert result["channels_last"].startswith("conv: parameters in the channels_last memory format cannot be saved")
@@ -569,7 +583,7 @@ def test_fsdp_sharded_checkpoints_resume_bit_exact_and_become_one_file(tmp_path,
     from pipeline.training import fit
     from tests.mp_resume_helper import task, train_config
 
-    stopped = tmp_path / "run" / "interrupted"
+    stopped = run_dir / "sharded" / "interrupted"
     assert not (stopped / "last.ckpt").exists()
     fit(make_fabric(FabricConfig(devices=1, precision="32-true", threads=1)), task(), train_config(), stopped)
     assert f"resuming from {stopped / 'last.ckpt'} at step 3" in capsys.readouterr().out  # converted first
