@@ -68,6 +68,21 @@ def parquet_dataset(root: Path, n_train: int, shards: int, n_test: int, size: in
     return root
 
 
+def private_datasets_cache(env, home: Path) -> None:
+    """Point ``datasets`` at ``home`` and offline, through ``env`` (a pytest MonkeyPatch): the environment for
+    subprocesses, and ``datasets.config`` for this process, which read the environment when first imported (maybe by
+    an earlier test module), so that nothing is written into ~/.cache/huggingface."""
+    import datasets.config as dc
+
+    cache = home / "datasets"
+    env.setenv("HF_DATASETS_OFFLINE", "1")
+    env.setenv("HF_HOME", str(home))
+    env.setattr(dc, "HF_HUB_OFFLINE", True)
+    env.setattr(dc, "HF_DATASETS_CACHE", cache)
+    env.setattr(dc, "DOWNLOADED_DATASETS_PATH", cache / dc.DOWNLOADED_DATASETS_DIR)
+    env.setattr(dc, "EXTRACTED_DATASETS_PATH", cache / dc.DOWNLOADED_DATASETS_DIR / dc.EXTRACTED_DATASETS_DIR)
+
+
 def decoded(log: Path, prefix: str) -> int:
     return sum(len(p.read_text().splitlines()) for p in log.glob(f"{prefix}-*.txt"))
 

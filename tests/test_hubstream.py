@@ -18,7 +18,7 @@ from pipeline.io import load_checkpoint
 from pipeline.training import _identity
 from stages import stage1, stage2
 from tests.conftest import rounding_tolerance, run
-from tests.stream_helper import parquet_dataset
+from tests.stream_helper import parquet_dataset, private_datasets_cache
 from tests.test_streaming import decoded_files, recorded_command
 
 N_TRAIN, SHARDS, N_TEST, BATCH = 96, 4, 16, 8  # per rank 48 examples, per reader (2 workers) 24: 3 batches
@@ -29,18 +29,9 @@ def repo(tmp_path_factory):
     """The local dataset; offline and a private datasets cache for this module. The subprocesses read both from
     the environment; ``datasets`` in this process read it when first imported (maybe by an earlier test module), so
     its config is set too: stage 2 here writes the map-style copy into the cache, never ~/.cache/huggingface."""
-    import datasets.config
-
     base = tmp_path_factory.mktemp("hub")
-    cache = base / "hf" / "datasets"
     with pytest.MonkeyPatch.context() as env:
-        env.setenv("HF_DATASETS_OFFLINE", "1")
-        env.setenv("HF_HOME", str(base / "hf"))
-        env.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-        env.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
-        env.setattr(datasets.config, "DOWNLOADED_DATASETS_PATH", cache / datasets.config.DOWNLOADED_DATASETS_DIR)
-        env.setattr(datasets.config, "EXTRACTED_DATASETS_PATH", cache / datasets.config.DOWNLOADED_DATASETS_DIR /
-                    datasets.config.EXTRACTED_DATASETS_DIR)
+        private_datasets_cache(env, base / "hf")
         yield parquet_dataset(base / "repo", N_TRAIN, SHARDS, N_TEST)
 
 

@@ -14,6 +14,7 @@ from pipeline import sources
 from pipeline.config import DataConfig, load_config
 from pipeline.data import augment, data_summary, load_image_data, load_image_file
 from pipeline.io import UserError
+from tests.stream_helper import private_datasets_cache
 
 
 def noise_png(path, seed, mode="L", size=20):
@@ -160,8 +161,7 @@ def test_hub_dataset_splits_and_class_label_names_offline(tmp_path, monkeypatch)
     """A local copy of a Hub dataset (parquet files named by split, as on the Hub) loads through the Hub path:
     ClassLabel names, the test split held out."""
     datasets = pytest.importorskip("datasets")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    private_datasets_cache(monkeypatch, tmp_path / "hf")  # not ~/.cache/huggingface
     feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["ant", "bee"])})
 
     def png(seed):
