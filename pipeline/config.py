@@ -85,7 +85,7 @@ class VQVAEConfig:
     kmeans_init: bool = True  # initialise codebooks from the first batch's encoder outputs (k-means)
     kmeans_iters: int = 10  # k-means iterations of that initialisation
     restart_after: int = 50  # restart a code unused for this many steps (0 = never)
-    recon_loss: str = "mse"  # mse | bounded (no penalty past -1 or 1 where the target is there: black stays black)
+    recon_loss: str = "bounded"  # bounded (no penalty past -1 or 1 where the target is there: black stays black) | mse
 
     def level_strides(self) -> list[int]:
         """Each level's downsampling relative to the level below, bottom first (the bottom's relative to the
