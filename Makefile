@@ -7,6 +7,7 @@
 #   TORCH   the PyTorch requirement: torch==2.13.0 is the CPU build here; GPU users set e.g.
 #           TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 #   QUICK   make bench QUICK=1: the short benchmark
+#   TEST_JOBS  make test's pytest processes, each test file on one of them (default 2; 0 = in this process)
 #
 # Paths may hold spaces: make stage1 RUN="runs/my run" CONFIG="configs/my preset.yaml"
 
@@ -16,6 +17,7 @@ CONFIG ?= configs/mnist.yaml
 RUN ?=
 ARGS ?=
 QUICK ?=
+TEST_JOBS ?= 2
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -24,11 +26,11 @@ STAMP := $(VENV)/.installed
 # functions; CONFIG and RUN are quoted, ARGS is split on spaces on purpose
 STAGE = $(PY) -m stages.$(1) --config "$(CONFIG)" $(if $(RUN),--run "$(RUN)",) $(ARGS)
 
-.PHONY: help install emoji-data data stage1 stage2 sample evaluate sweep demo tensorboard plan test lint bench clean
+.PHONY: help install emoji-data data stage1 stage2 sample evaluate sweep demo tensorboard plan test lint bench curve clean
 
 help:
 	@sed -n '1,/^$$/p' Makefile | sed 's/^# \{0,1\}//'
-	@echo "targets: install emoji-data data stage1 stage2 sample evaluate sweep demo tensorboard plan test lint bench clean"
+	@echo "targets: install emoji-data data stage1 stage2 sample evaluate sweep demo tensorboard plan test lint bench curve clean"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -79,13 +81,17 @@ plan: $(STAMP)
 	$(PY) -m pipeline.plan --config "$(CONFIG)" $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile
 
 lint: $(STAMP)
 	$(PY) -m ruff check pipeline stages tests bench scripts
 
 bench: $(STAMP)
 	$(PY) -m bench.run $(if $(QUICK),--quick,)
+
+# Inception FID against CPU minutes, one knob of CONFIG at a time (about an hour on 2 cores; ARGS: --only, --jobs)
+curve: $(STAMP)
+	$(PY) -m bench.curve --config "$(CONFIG)" $(ARGS)
 
 clean:
 	rm -rf runs bench/results.json
