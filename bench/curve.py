@@ -1,0 +1,183 @@
+"""Where the time budget buys Inception FID: the default pipeline with one knob changed at a time (stage-1 steps,
+stage-2 steps, the priors' width, stage-1 augmentation), each run through ``make stage1 stage2 sample evaluate``'s
+stage commands with ``fabric.threads=1``, ``--jobs`` runs side by side (one core each). Writes ``curve.json``,
+``curve.md`` (a table) and ``curve.png`` (sample FID against the CPU minutes of stage 1 + stage 2 + sample).
+
+    python -m bench.curve [--out runs/curve] [--jobs 2] [--only default,s2_1200] [--config configs/mnist.yaml]
+
+CPU seconds (user + system of each stage process) are the cost axis: with one thread per process they are the
+wall time of a quiet core, whatever else the machine runs. Variants that change only stage 2 reuse the default
+run's stage 1 (its folder is copied once it is trained). Real-image statistics are shared through one
+``evaluate.reference_dir``. A benchmark, not a test: nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGES = ("stage1", "stage2", "sample", "evaluate")
+
+# name -> (overrides, reuse the default run's stage 1?)
+VARIANTS: dict[str, tuple[list[str], bool]] = {
+    "default": ([], False),
+    "s1_1000": (["stage1.max_steps=1000"], False),
+    "s1_4000": (["stage1.max_steps=4000"], False),
+    "s2_300": (["stage2.max_steps=300"], True),
+    "s2_1200": (["stage2.max_steps=1200"], True),
+    "s2_2400": (["stage2.max_steps=2400"], True),
+    "prior_256": (["prior.top.n_embd=256", "prior.bottom.n_embd=256"], True),
+    "crop_0.9": (["data.crop_scale=0.9"], False),
+}
+
+
+def run_stage(stage: str, config: str, run_dir: Path, overrides: list[str], log: Path) -> dict:
+    """One stage command; its wall and CPU seconds and peak memory (the child's rusage) and exit code."""
+    cmd = [sys.executable, "-m", f"stages.{stage}", "--config", config, "--run", str(run_dir), *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(log, "ab") as out:
+        out.write(f"$ {' '.join(cmd)}\n".encode())
+        out.flush()
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    return {"wall_s": time.perf_counter() - t0, "cpu_s": usage.ru_utime + usage.ru_stime,
+            "peak_rss_mb": usage.ru_maxrss / 1024, "returncode": proc.returncode}  # ru_maxrss: KiB on Linux
+
+
+def run_variant(name: str, args: argparse.Namespace, stage1_ready: threading.Event) -> dict:
+    try:
+        result = _run_variant(name, args, stage1_ready)
+        (args.out / f"{name}.result.json").write_text(json.dumps(result, indent=1))
+        return result
+    finally:
+        if name == "default":
+            stage1_ready.set()  # also when it failed: the variants waiting for it then say so
+
+
+def _run_variant(name: str, args: argparse.Namespace, stage1_ready: threading.Event) -> dict:
+    overrides, reuse = VARIANTS[name]
+    run_dir = args.out / name
+    common = ["fabric.threads=1", f"evaluate.reference_dir={args.out / 'reference'}"]
+    result = {"name": name, "overrides": overrides, "reused_stage1": reuse, "stages": {}}
+    stages = STAGES
+    if reuse:
+        stage1_ready.wait()
+        default = args.out / "default"
+        if not (default / "stage1" / "best.ckpt").exists():
+            return {**result, "error": "the default run's stage 1 failed"}
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+        for part in ("config.yaml", "data", "stage1"):
+            src = default / part
+            (shutil.copytree if src.is_dir() else shutil.copy2)(src, run_dir / part)
+        result["stages"]["stage1"] = json.loads((args.out / "default.json").read_text())["stage1"]
+        stages = STAGES[1:]
+    for stage in stages:
+        print(f"[{time.strftime('%H:%M:%S')}] {name}: {stage}", flush=True)
+        out = run_stage(stage, args.config, run_dir, overrides + common, args.out / f"{name}.log")
+        result["stages"][stage] = out
+        if name == "default" and stage == "stage1":
+            (args.out / "default.json").write_text(json.dumps({"stage1": out}))
+            stage1_ready.set()
+        if out["returncode"]:
+            return {**result, "error": f"{stage} exited {out['returncode']}: see {args.out / (name + '.log')}"}
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    floor, domain = report["real_floor"]["fid"], report.get("domain", report)  # domain: the headline when no Inception
+    result["report"] = {
+        "fid": report["fid"], "fid_interval": report["interval"]["fid"], "fid_floor": floor,
+        "precision": report["precision"], "recall": report["recall"], "kid": report["kid"]["mean"],
+        "rfid": report["recon"]["rfid"], "mse": report["recon"]["mse"], "domain_fid": domain["fid"],
+        "asked_class": report["per_class"]["asked_class_accuracy"], "prior_nll_bits": report["prior_nll_bits"]}
+    return result
+
+
+def budget_minutes(r: dict) -> float:
+    """CPU minutes of the training and sampling stages (evaluation is the same for every variant)."""
+    return sum(r["stages"][s]["cpu_s"] for s in ("stage1", "stage2", "sample")) / 60
+
+
+def write_outputs(results: list[dict], out: Path) -> None:
+    (out / "curve.json").write_text(json.dumps(results, indent=1))
+    done = [r for r in results if "report" in r]
+    header = ("variant", "overrides", "CPU min (stage 1 / 2 / sample)", "held-out MSE", "rFID",
+              "sample FID [95%] (x floor)", "precision / recall", "domain FID", "asked class", "prior NLL top / bottom")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in sorted(done, key=budget_minutes):
+        q, cpu = r["report"], [r["stages"][s]["cpu_s"] / 60 for s in ("stage1", "stage2", "sample")]
+        lo, hi = q["fid_interval"]
+        cells = (r["name"], " ".join(r["overrides"]) + (" (default stage 1)" if r["reused_stage1"] else "") or "-",
+                 f"{sum(cpu):.1f} ({cpu[0]:.1f} / {cpu[1]:.1f} / {cpu[2]:.1f})", f"{q['mse']:.5f}",
+                 f"{q['rfid']:.1f}", f"{q['fid']:.1f} [{lo:.1f}, {hi:.1f}] ({q['fid'] / q['fid_floor']:.1f}x)",
+                 f"{q['precision']:.2f} / {q['recall']:.2f}", f"{q['domain_fid']:.2f}",
+                 f"{100 * q['asked_class']:.1f}%",
+                 f"{q['prior_nll_bits']['top']:.2f} / {q['prior_nll_bits']['bottom']:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [f"- {r['name']}: {r['error']}" for r in results if "error" in r]
+    (out / "curve.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    if not done:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for r in done:
+        x, q = budget_minutes(r), r["report"]
+        lo, hi = q["fid_interval"]
+        ax.errorbar(x, q["fid"], yerr=[[q["fid"] - lo], [hi - q["fid"]]], fmt="o", capsize=3,
+                    color="C1" if r["reused_stage1"] else "C0")
+        ax.annotate(r["name"], (x, q["fid"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.axhline(done[0]["report"]["fid_floor"], color="gray", ls="--", lw=1, label="real floor")
+    ax.axhline(2 * done[0]["report"]["fid_floor"], color="gray", ls=":", lw=1, label="2x floor (target)")
+    ax.scatter([], [], color="C0", label="own stage 1")
+    ax.scatter([], [], color="C1", label="the default's stage 1")
+    ax.set_xlabel("CPU minutes, stage 1 + stage 2 + sample (one thread)")
+    ax.set_ylabel("sample Inception FID, N = 1,000")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "curve.png", dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "curve", help="run folders and results")
+    parser.add_argument("--jobs", type=int, default=2, help="variants run side by side, one thread each")
+    parser.add_argument("--only", default="", help=f"comma-separated subset of {', '.join(VARIANTS)}")
+    parser.add_argument("--config", default="configs/mnist.yaml")
+    parser.add_argument("--report-only", action="store_true",
+                        help="only rebuild curve.md/png from the variants of --out that finished (their .result.json)")
+    args = parser.parse_args(argv)
+    names = [n for n in args.only.split(",") if n] or list(VARIANTS)
+    if unknown := [n for n in names if n not in VARIANTS]:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    if any(VARIANTS[n][1] for n in names) and "default" not in names:
+        names.insert(0, "default")  # the variants that reuse its stage 1 need it
+    args.out = args.out.resolve()
+    if args.report_only:
+        write_outputs([json.loads(p.read_text()) for p in sorted(args.out.glob("*.result.json"))], args.out)
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    ready = threading.Event()
+    with ThreadPoolExecutor(args.jobs) as pool:  # default first, so its stage 1 is ready early
+        results = list(pool.map(lambda n: run_variant(n, args, ready), names))
+    write_outputs(results, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
