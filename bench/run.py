@@ -68,21 +68,26 @@ BENCHMARKS: dict[str, tuple[Callable[[Context], Result], str]] = {
 
 
 def git_commit() -> str | None:
-    """The checked-out commit, read from .git without running git (None when there is no repository)."""
+    """The checked-out commit, read from .git without running git (None when there is no repository). In a
+    worktree .git is a file naming its git dir, whose ``commondir`` holds the branches."""
     git = ROOT / ".git"
     try:
+        if git.is_file():
+            git = (ROOT / git.read_text().split("gitdir:", 1)[1].strip()).resolve()
+        common = (git / (git / "commondir").read_text().strip()).resolve() if (git / "commondir").is_file() else git
         head = (git / "HEAD").read_text().strip()
         if not head.startswith("ref: "):
             return head
         ref = head[5:]
-        if (git / ref).is_file():
-            return (git / ref).read_text().strip()
-        packed = git / "packed-refs"
+        for folder in (git, common):
+            if (folder / ref).is_file():
+                return (folder / ref).read_text().strip()
+        packed = common / "packed-refs"
         if packed.is_file():
             for line in packed.read_text().splitlines():
                 if line.endswith(" " + ref):
                     return line.split()[0]
-    except OSError:
+    except (OSError, IndexError):
         pass
     return None
 
