@@ -174,7 +174,7 @@ STREAM = ["fabric.devices=2", "data.source=folder", "data.streaming=always", "da
 
 
 def stage1_recorded(log: Path, run_dir: Path, folder: Path, stop_at: int = -1) -> subprocess.CompletedProcess:
-    return recorded_command(log, run_dir, [*STREAM, f"data.path={folder}"], stop_at)
+    return recorded_command(log, run_dir, [*STREAM, f"data.path={folder}"], stop_at, ranks_at_once=2)
 
 
 def recorded_command(log: Path, run_dir: Path, overrides: list[str], stop_at: int = -1,
