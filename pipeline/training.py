@@ -301,6 +301,7 @@ def _resume(loop: _Loop, source: Path) -> tuple[dict, bool]:
         state.pop("seconds")
     rest = fabric.load(source, state, weights_only=True)  # what is not in ``state``: per-rank RNG, settings
     state.setdefault("seconds", 0.0)
+    state["meta"] = loop.task.meta  # later checkpoints record this run's config (the changed settings)
     if state["step"] >= tcfg.max_steps:
         fabric.print(f"{loop.desc}: already finished ({state['step']}/{tcfg.max_steps} steps) in {loop.out_dir}; "
                      "use --fresh to start over, or raise max_steps to continue")

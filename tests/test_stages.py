@@ -63,6 +63,7 @@ def test_resume_applies_changed_optimizer_settings_and_says_so(smoke_run, tmp_pa
     assert decayed["lr"] == pytest.approx(5e-4 * warmup_cosine(30, 5, 30, 0.1), rel=1e-9)  # 5e-5, not 1e-4
     assert decayed["weight_decay"] == 0.05 and plain["weight_decay"] == 0.0
     assert ckpt["train"]["lr"] == 5e-4
+    assert ckpt["meta"]["config"]["stage1"]["lr"] == 5e-4 and ckpt["meta"]["config"]["stage1"]["max_steps"] == 30
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["stage1"]["lr"] == 5e-4
 
 
