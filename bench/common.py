@@ -166,6 +166,7 @@ class ChildRun:
     peak_rss_bytes: int  # the child's own high-water mark (VmHWM), also when it was killed
     stdout: str
     stderr: str
+    cpu_seconds: float = 0.0  # user + system time of the child (its own threads, not its children's)
 
     @property
     def timed_out(self) -> bool:
@@ -221,4 +222,4 @@ def run_child(cmd: list[str], ctx: Context, timeout: float | None = None, log_di
     if not peak:
         peak = int(usage.ru_maxrss) * (1 if sys.platform == "darwin" else 1024)  # KiB on Linux, bytes on macOS
     return ChildRun(returncode, seconds, peak, out_path.read_text(errors="replace"),
-                    err_path.read_text(errors="replace"))
+                    err_path.read_text(errors="replace"), usage.ru_utime + usage.ru_stime)

@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+import torch
+
+from bench.common import ROOT, Context, run_child
+
 STAGES = ("stage1", "stage2", "sample", "evaluate")
 
 # name -> (overrides, reuse the default run's stage 1?)
@@ -40,19 +41,13 @@ VARIANTS: dict[str, tuple[list[str], bool]] = {
 }
 
 
-def run_stage(stage: str, config: str, run_dir: Path, overrides: list[str], log: Path) -> dict:
-    """One stage command; its wall and CPU seconds and peak memory (the child's rusage) and exit code."""
+def run_stage(stage: str, config: str, run_dir: Path, overrides: list[str], logs: Path, name: str) -> dict:
+    """One stage command (its output in ``logs/<name>-<stage>.out|.err``): wall and CPU seconds, peak memory, exit."""
+    ctx = Context(quick=False, device=torch.device("cpu"), threads=1, threads_forced=True)  # OMP_NUM_THREADS=1
     cmd = [sys.executable, "-m", f"stages.{stage}", "--config", config, "--run", str(run_dir), *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with open(log, "ab") as out:
-        out.write(f"$ {' '.join(cmd)}\n".encode())
-        out.flush()
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    return {"wall_s": time.perf_counter() - t0, "cpu_s": usage.ru_utime + usage.ru_stime,
-            "peak_rss_mb": usage.ru_maxrss / 1024, "returncode": proc.returncode}  # ru_maxrss: KiB on Linux
+    child = run_child(cmd, ctx, log_dir=logs, name=f"{name}-{stage}")
+    return {"wall_s": child.seconds, "cpu_s": child.cpu_seconds, "peak_rss_mb": child.peak_rss_bytes / 2**20,
+            "returncode": child.returncode}
 
 
 def run_variant(name: str, args: argparse.Namespace, stage1_ready: threading.Event) -> dict:
@@ -86,13 +81,13 @@ def _run_variant(name: str, args: argparse.Namespace, stage1_ready: threading.Ev
         stages = STAGES[1:]
     for stage in stages:
         print(f"[{time.strftime('%H:%M:%S')}] {name}: {stage}", flush=True)
-        out = run_stage(stage, args.config, run_dir, overrides + common, args.out / f"{name}.log")
+        out = run_stage(stage, args.config, run_dir, overrides + common, args.out / "logs", name)
         result["stages"][stage] = out
         if name == "default" and stage == "stage1":
             (args.out / "default.json").write_text(json.dumps({"stage1": out}))
             stage1_ready.set()
         if out["returncode"]:
-            return {**result, "error": f"{stage} exited {out['returncode']}: see {args.out / (name + '.log')}"}
+            return {**result, "error": f"{stage} exited {out['returncode']}: see {args.out}/logs/{name}-{stage}.err"}
     report = json.loads((run_dir / "eval" / "report.json").read_text())
     floor, domain = report["real_floor"]["fid"], report.get("domain", report)  # domain: the headline when no Inception
     result["report"] = {
