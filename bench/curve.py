@@ -7,8 +7,9 @@ stage commands with ``fabric.threads=1``, ``--jobs`` runs side by side (one core
 
 CPU seconds (user + system of each stage process) are the cost axis: with one thread per process they are the
 wall time of a quiet core, whatever else the machine runs. Variants that change only stage 2 reuse the default
-run's stage 1 (its folder is copied once it is trained). Real-image statistics are shared through one
-``evaluate.reference_dir``. A benchmark, not a test: nothing is asserted.
+run's stage 1 (its folder is copied once it is trained; an earlier invocation's default in the same ``--out`` is
+reused rather than run again, and the table keeps every variant that finished there). Real-image statistics are
+shared through one ``evaluate.reference_dir``. A benchmark, not a test: nothing is asserted.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ VARIANTS: dict[str, tuple[list[str], bool]] = {
     "s2_1200": (["stage2.max_steps=1200"], True),
     "s2_2400": (["stage2.max_steps=2400"], True),
     "prior_256": (["prior.top.n_embd=256", "prior.bottom.n_embd=256"], True),
+    "s2_1200_drop": (["stage2.max_steps=1200", "prior.top.dropout=0.1", "prior.bottom.dropout=0.1"], True),
     "crop_0.9": (["data.crop_scale=0.9"], False),
 }
 
@@ -160,18 +162,25 @@ def main(argv: list[str] | None = None) -> int:
     names = [n for n in args.only.split(",") if n] or list(VARIANTS)
     if unknown := [n for n in names if n not in VARIANTS]:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
-    if any(VARIANTS[n][1] for n in names) and "default" not in names:
-        names.insert(0, "default")  # the variants that reuse its stage 1 need it
     args.out = args.out.resolve()
     if args.report_only:
-        write_outputs([json.loads(p.read_text()) for p in sorted(args.out.glob("*.result.json"))], args.out)
+        write_outputs(finished(args.out), args.out)
         return 0
-    args.out.mkdir(parents=True, exist_ok=True)
     ready = threading.Event()
+    if any(VARIANTS[n][1] for n in names) and "default" not in names:
+        if (args.out / "default.result.json").exists():
+            ready.set()  # an earlier default run of this --out: its stage 1 is reused as it is
+        else:
+            names.insert(0, "default")  # the variants that reuse its stage 1 need it
+    args.out.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(args.jobs) as pool:  # default first, so its stage 1 is ready early
-        results = list(pool.map(lambda n: run_variant(n, args, ready), names))
-    write_outputs(results, args.out)
+        list(pool.map(lambda n: run_variant(n, args, ready), names))
+    write_outputs(finished(args.out), args.out)  # with the variants of earlier invocations
     return 0
+
+
+def finished(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(out.glob("*.result.json"))]
 
 
 if __name__ == "__main__":

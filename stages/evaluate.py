@@ -29,6 +29,7 @@ from pipeline.export import CARD, CONFIG, record_evaluation
 from pipeline.fabric import make_fabric
 from pipeline.images import save_grid
 from pipeline.io import UserError, atomic_write_text
+from pipeline.metrics import judge
 from pipeline.metrics.extract import PROTOCOL, make_extractor
 from pipeline.metrics.moments import fid_from_moments
 from pipeline.metrics.reconstruction import reconstruction_stats
@@ -134,6 +135,23 @@ def scores(x: dict, e) -> dict:
             "rfid": fid_from_moments(x["held"].moments, x["rec"].moments)}
 
 
+def independent_judgement(asked: np.ndarray, samples_of, real: RealImages, log) -> dict | None:
+    """The asked-class shares by the independent judge (an SVM on pixels fitted here on train images), beside its
+    own floor on the real held-out images (never train images, which it may have been fitted on); None for
+    unconditional samples, unlabelled data or more than judge.MAX_CLASSES classes."""
+    data, names, held = real.data, real.data.class_names, real.held
+    if not names or len(names) > judge.MAX_CLASSES or not (asked >= 0).any():
+        return None
+    t0 = time.perf_counter()
+    svm, fitted = judge.fit_judge(data.train)
+    if svm is None:
+        return None
+    out = per_class_accuracy(judge.judged(svm, samples_of, len(asked)), asked, judge.judged(svm, real.floor, held),
+                             real.floor_labels()[:held], names)
+    log(f"evaluate: independent judge fitted on {fitted} train images, {time.perf_counter() - t0:.1f} s")
+    return {**out, "judge": judge.DESCRIPTION, "fitted_on": fitted}
+
+
 def evaluation_size(samples: int, train: int, holdout: int, e) -> int:
     """N: every sample up to evaluate.num_real, or with num_real=0 up to the held-out set's size."""
     n = min(samples, e.num_real) if e.num_real else min(samples, holdout, train)
@@ -180,6 +198,7 @@ def run_evaluate(cfg: Config, run: RunFolder) -> dict | None:
         (head, head_info), *rest = extractors
         first = scores(feats[head.name], e)
         labelled = feats.get("domain")  # the per-class rows need the domain classifier's logits
+        asked = samples.labels()[:n]
         report: dict[str, Any] = {
             **{k: v for k, v in first.items() if k != "rfid"},
             "num_samples": int(n),
@@ -196,9 +215,10 @@ def run_evaluate(cfg: Config, run: RunFolder) -> dict | None:
             "codebook": {name: {"usage": stats[f"usage_{name}"], "perplexity": stats[f"perplexity_{name}"]}
                          for name in names},
             "prior_nll_bits": nll,
-            "per_class": per_class_accuracy(labelled and labelled["fake"].predicted, samples.labels()[:n],
+            "per_class": per_class_accuracy(labelled and labelled["fake"].predicted, asked,
                                             labelled and labelled["floor"].predicted, real.floor_labels(),
                                             data.class_names),
+            "per_class_independent": independent_judgement(asked, samples_of, real, log),
             "sampling": {k: settings.get(k) for k in ("temperature", "top_k", "top_p", "guidance", "labels", "seed")},
             "eval_seconds": None,
         }

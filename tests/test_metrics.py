@@ -522,6 +522,52 @@ def test_per_class_accuracy_counts_samples_recognised_as_asked():
     assert none_asked["classes"][2]["samples"] == 0 and none_asked["classes"][2]["asked_class_accuracy"] is None
 
 
+class _Stripes:
+    """Labelled uint8 images: class c is a bright horizontal stripe at row band c, on noise."""
+
+    def __init__(self, n: int, classes: int = 3, side: int = 16, channels: int = 1, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.labels = torch.arange(n) % classes
+        self.pixels = torch.randint(0, 60, (n, channels, side, side), generator=g, dtype=torch.uint8)
+        band = side // classes
+        for i, c in enumerate(self.labels.tolist()):
+            self.pixels[i, :, c * band : (c + 1) * band] = 255
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitems__(self, indices):
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return self.pixels[idx], self.labels[idx]
+
+
+def test_independent_judge_recognises_the_asked_class_and_not_another():
+    from pipeline.metrics.judge import fit_judge, judged
+
+    train, test = _Stripes(90), _Stripes(30, seed=1)
+    svm, fitted = fit_judge(train, max_train=60)
+    assert fitted == 60
+    pixels_of = lambda chunk: test.__getitems__(chunk)[0]  # noqa: E731
+    predicted = judged(svm, pixels_of, len(test))
+    assert predicted.shape == (30,) and (predicted == test.labels.numpy()).all()
+    wrong = (test.labels.numpy() + 1) % 3  # every image asked as the next class: none recognised
+    assert (predicted == wrong).mean() == 0
+    single = _Stripes(10, classes=1)
+    assert fit_judge(single)[0] is None  # one class: nothing to tell apart
+
+
+def test_judge_pixel_vectors_shrink_large_colour_images():
+    from pipeline.metrics.judge import MAX_SIDE, pixel_vectors
+
+    big = _Stripes(4, side=64, channels=3).pixels
+    rows = pixel_vectors(big)
+    assert rows.shape == (4, 3 * MAX_SIDE * MAX_SIDE) and rows.dtype == np.float32
+    assert 0 <= rows.min() and rows.max() <= 1
+    area = big.float().div(255).reshape(4, 3, MAX_SIDE, 2, MAX_SIDE, 2).mean((3, 5)).flatten(1).numpy()
+    assert np.allclose(rows, area, atol=4 * np.finfo(np.float32).eps)
+    assert pixel_vectors(_Stripes(2, side=16).pixels).shape == (2, 256)  # small images: every pixel
+
+
 def test_labelled_grid_has_a_row_per_class_with_its_name():
     from pipeline.images import class_rows, labelled_grid
 

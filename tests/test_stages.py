@@ -151,8 +151,13 @@ def test_evaluate_report(smoke_run):
     assert [r["class"] for r in per["classes"]] == [str(i) for i in range(10)]
     assert sum(r["samples"] for r in per["classes"]) == report["num_samples"]
     assert 0 <= per["asked_class_accuracy"] <= 1 and 0 <= per["real_accuracy"] <= 1
+    judged = report["per_class_independent"]  # the SVM on pixels, floor on held-out images only
+    assert sum(r["samples"] for r in judged["classes"]) == report["num_samples"]
+    assert 0 <= judged["asked_class_accuracy"] <= 1 and 0 <= judged["real_accuracy"] <= 1
+    assert judged["fitted_on"] > 0 and "support-vector machine" in judged["judge"]
     md = (smoke_run / "eval" / "report.md").read_text()
     assert "| kid |" in md and "## Per class" in md and "95% bootstrap intervals" in md
+    assert "By an independent judge" in md
     for name in ("report.md", "reconstructions.png", "codebook_usage.png", "classifier.ckpt"):
         assert (smoke_run / "eval" / name).is_file()
 

@@ -161,13 +161,23 @@ def summary_table(report: dict) -> str:
     lines.append("prior NLL (bits/code): " + ", ".join(f"{k} {v:.3f}" for k, v in report["prior_nll_bits"].items()))
     if report.get("feature_speed"):
         lines.append("features: " + "; ".join(f"{name} {speed_text(v)}" for name, v in report["feature_speed"].items()))
-    per = report.get("per_class")
-    if per:
-        lines.append(f"asked class recognised: {per['asked_class_accuracy']:.1%} of samples (real held-out "
-                     f"{per['real_accuracy']:.1%}); per class: " + ", ".join(
-                         f"{r['class']} {_pct(r['asked_class_accuracy'])}/{_pct(r['real_accuracy'])}"
-                         for r in per["classes"]))
+    for key, judge in (("per_class", "domain classifier"), ("per_class_independent", "independent SVM")):
+        if per := report.get(key):
+            lines.append(f"asked class ({judge}): {per['asked_class_accuracy']:.1%} of samples (real held-out "
+                         f"{per['real_accuracy']:.1%}); per class: " + ", ".join(
+                             f"{r['class']} {_pct(r['asked_class_accuracy'])}/{_pct(r['real_accuracy'])}"
+                             for r in per["classes"]))
     return "\n".join(lines)
+
+
+def per_class_lines(per: dict, judge: str) -> list[str]:
+    """One judge's asked-class shares as a sentence and a per-class Markdown table."""
+    return [f"The share of samples {judge} assigns to the class they were asked for: "
+            f"{per['asked_class_accuracy']:.1%} in all, against {per['real_accuracy']:.1%} of the real "
+            "held-out images it classifies correctly (the floor).", "",
+            "| class | samples | recognised as asked | real held-out | recognised |", "|---|---|---|---|---|",
+            *(f"| {r['class']} | {r['samples']} | {_pct(r['asked_class_accuracy'])} | {r['real']} | "
+              f"{_pct(r['real_accuracy'])} |" for r in per["classes"])]
 
 
 def floor_images(report: dict) -> str:
@@ -235,15 +245,11 @@ def report_markdown(report: dict, title: str, pictures: dict[str, str]) -> str:
     for k, v in shuffled.items():
         lines.append(f"\nNLL of the {k.split('_shuffled_')[0]} prior with the {k.split('_shuffled_')[1]} codes "
                      f"shuffled across images: {v:.3f} bits/code (conditioning is used when this is higher).")
-    per = report.get("per_class")
-    if per:
-        lines += ["", "## Per class", "",
-                  f"The share of samples the domain classifier assigns to the class they were asked for: "
-                  f"{per['asked_class_accuracy']:.1%} in all, against {per['real_accuracy']:.1%} of the real "
-                  "held-out images it classifies correctly (the floor).", "",
-                  "| class | samples | recognised as asked | real held-out | recognised |", "|---|---|---|---|---|"]
-        lines += [f"| {r['class']} | {r['samples']} | {_pct(r['asked_class_accuracy'])} | {r['real']} | "
-                  f"{_pct(r['real_accuracy'])} |" for r in per["classes"]]
+    if per := report.get("per_class"):
+        lines += ["", "## Per class", "", *per_class_lines(per, "the domain classifier")]
+    if per := report.get("per_class_independent"):
+        lines += ["", f"By an independent judge, {per['judge']}, fitted on {per['fitted_on']} train images:", "",
+                  *per_class_lines(per, "the judge")]
     s = report["sampling"]
     lines += ["", "## Sampling settings", "", ", ".join(f"{k} = {v}" for k, v in s.items()), "",
               "## Pictures", "", "Samples:", "", f"![samples]({pictures['samples']})", "",
