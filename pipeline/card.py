@@ -126,6 +126,9 @@ def _evaluation_section(report: dict[str, Any] | None) -> list[str]:
     if per:
         lines += [f"Samples the domain classifier recognises as the class asked for: {per['asked_class_accuracy']:.1%} "
                   f"(real held-out images: {per['real_accuracy']:.1%}).", ""]
+    if judged := report.get("per_class_independent"):
+        lines += [f"An independent judge ({judged['judge']}) recognises {judged['asked_class_accuracy']:.1%} "
+                  f"(real held-out images: {judged['real_accuracy']:.1%}).", ""]
     if s:
         lines += ["Sampling settings: " + ", ".join(f"{k} = {v}" for k, v in s.items()) + ".", ""]
     return lines

@@ -219,7 +219,8 @@ def run_evaluate(cfg: Config, run: RunFolder) -> dict | None:
                                             labelled and labelled["floor"].predicted, real.floor_labels(),
                                             data.class_names),
             "per_class_independent": independent_judgement(asked, samples_of, real, log),
-            "sampling": {k: settings.get(k) for k in ("temperature", "top_k", "top_p", "guidance", "labels", "seed")},
+            "sampling": {k: settings.get(k) for k in ("temperature", "top_k", "top_p", "guidance", "labels", "seed",
+                                                      "accept", "threshold", "candidates") if k in settings},
             "eval_seconds": None,
         }
         first16 = list(range(min(16, real.held)))

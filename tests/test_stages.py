@@ -530,3 +530,8 @@ def test_rejection_sampling_in_the_sample_stage(smoke_run, tmp_path, capsys):
     assert (run_dir / "samples" / "samples.npz").read_bytes() == before
     assert run(sample, run_dir, "sample.accept=0.5", "sample.labels=none") == 2
     assert "need a class-conditional prior and labels" in capsys.readouterr().err
+    assert run(evaluate, run_dir) == 0  # the report and the model card say how the scored samples were drawn
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    assert report["sampling"]["threshold"] == 0.2 and report["sampling"]["candidates"] >= 40
+    card = (run_dir / "sampler" / "README.md").read_text()
+    assert "threshold = 0.2" in card and "An independent judge" in card
