@@ -133,12 +133,15 @@ def write_outputs(results: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for r in done:
+    ordered = sorted(done, key=budget_minutes)
+    fids = [r["report"]["fid"] for r in ordered]
+    for i, r in enumerate(ordered):
         x, q = budget_minutes(r), r["report"]
         lo, hi = q["fid_interval"]
         ax.errorbar(x, q["fid"], yerr=[[q["fid"] - lo], [hi - q["fid"]]], fmt="o", capsize=3,
                     color="C1" if r["reused_stage1"] else "C0")
-        ax.annotate(r["name"], (x, q["fid"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        lower = any(q["fid"] < fids[j] for j in (i - 1, i + 1) if 0 <= j < len(fids))  # than a neighbour: below it
+        ax.annotate(r["name"], (x, q["fid"]), textcoords="offset points", xytext=(5, -11 if lower else 4), fontsize=8)
     ax.axhline(done[0]["report"]["fid_floor"], color="gray", ls="--", lw=1, label="real floor")
     ax.axhline(2 * done[0]["report"]["fid_floor"], color="gray", ls=":", lw=1, label="2x floor (target)")
     ax.scatter([], [], color="C0", label="own stage 1")
