@@ -41,6 +41,7 @@ VARIANTS: dict[str, tuple[list[str], bool]] = {
     "no_dropout": (["prior.top.dropout=0", "prior.bottom.dropout=0"], True),
     "prior_256": (["prior.top.n_embd=256", "prior.bottom.n_embd=256"], True),
     "crop_0.9": (["data.crop_scale=0.9"], False),
+    "copies_4": (["extract.copies=4"], True),  # the priors see 5x the code grids: 4 shifted copies of each image
 }
 
 

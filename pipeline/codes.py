@@ -143,16 +143,21 @@ def _extract_mine(model, splits: dict[str, ImageSet], folder: Path, level_names:
             atomic_save_npy(folder / names["labels"], labels.astype(np.int64))
 
 
-def _reusable_or_prepare(folder: Path, sha: str, log) -> dict | None:
-    """The earlier extraction's manifest when it was made with this stage-1 checkpoint; else None, with the stale
-    manifest and shard files removed first (a half-written extraction must never pass for a complete one)."""
+NO_COPIES = {"copies": 0, "shift": 0}  # the train split's shifted copies (extract.copies) when there are none
+
+
+def _reusable_or_prepare(folder: Path, sha: str, copies: dict, log) -> dict | None:
+    """The earlier extraction's manifest when it was made with this stage-1 checkpoint and the same shifted copies;
+    else None, with the stale manifest and shard files removed first (a half-written extraction must never pass for
+    a complete one)."""
     manifest_path = folder / "manifest.json"
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
-        if manifest.get("stage1_sha256") == sha:
-            log(f"codes: reusing {folder} (stage-1 checkpoint unchanged)")
+        if manifest.get("stage1_sha256") == sha and manifest.get("train_copies", NO_COPIES) == copies:
+            log(f"codes: reusing {folder} (stage-1 checkpoint and extract.copies unchanged)")
             return manifest
-        log(f"codes: stage-1 checkpoint changed since the last extraction; extracting again into {folder}")
+        changed = "stage-1 checkpoint" if manifest.get("stage1_sha256") != sha else "extract.copies/shift"
+        log(f"codes: {changed} changed since the last extraction; extracting again into {folder}")
         manifest_path.unlink()
         for stale in folder.glob("*-*-[0-9][0-9][0-9][0-9][0-9].npy"):
             stale.unlink()
@@ -162,15 +167,17 @@ def _reusable_or_prepare(folder: Path, sha: str, log) -> dict | None:
 
 def extract_codes(model, stage1_ckpt: Path, train: ImageSet, holdout: ImageSet, folder: Path,
                   class_names: list[str] | None, level_names: list[str], image_size: int, batch_size: int = 256,
-                  shard_size: int = 100_000, device="cpu", log=print, fabric=ONE_PROCESS) -> dict:
-    """Encode both splits (or reuse an extraction made with the same stage-1 checkpoint); returns the manifest.
+                  shard_size: int = 100_000, device="cpu", log=print, fabric=ONE_PROCESS,
+                  copies: dict = NO_COPIES) -> dict:
+    """Encode both splits (or reuse an extraction made with the same stage-1 checkpoint and ``copies``, the
+    description of ``train``'s shifted copies recorded in the manifest); returns the manifest.
 
     With several processes (``fabric``) every rank encodes and writes its own part of each split
     (``extraction_plan``); rank 0 decides on reuse, and writes ``manifest.json`` once every rank's files exist.
     A failure on any rank stops every rank with its reason."""
     folder = Path(folder)
     sha = file_sha256(stage1_ckpt)
-    reused = rank_zero_result(fabric, lambda: _reusable_or_prepare(folder, sha, log))
+    reused = rank_zero_result(fabric, lambda: _reusable_or_prepare(folder, sha, copies, log))
     if reused is not None:
         return reused
     k = model.cfg.codebook_size
@@ -184,6 +191,7 @@ def extract_codes(model, stage1_ckpt: Path, train: ImageSet, holdout: ImageSet, 
             "stage1_checkpoint": str(stage1_ckpt), "stage1_sha256": sha, "levels": level_names,
             "grids": [list(g) for g in model.grid_shapes(image_size)], "num_codes": k,
             "num_classes": len(class_names or []), "class_names": class_names, "splits": {},
+            "train_copies": copies,
         }
         for split, images in splits.items():
             shards = [{**s, **_shard_names(split, i, level_names)}
@@ -194,7 +202,9 @@ def extract_codes(model, stage1_ckpt: Path, train: ImageSet, holdout: ImageSet, 
                                 "process sees?); run stage 2 again")
             manifest["splits"][split] = {"n": len(images), "shards": shards}
         atomic_write_text(folder / "manifest.json", json.dumps(manifest, indent=1))  # last: a complete extraction
-        log(f"codes: {len(train)} train / {len(holdout)} held-out grids {manifest['grids']} in {folder}"
+        extra = f" ({len(train) // (1 + copies['copies'])} images + {copies['copies']} shifted copies of each)" \
+            if copies["copies"] else ""
+        log(f"codes: {len(train)} train{extra} / {len(holdout)} held-out grids {manifest['grids']} in {folder}"
             + (f", written by {fabric.world_size} processes" if fabric.world_size > 1 else ""))
         return manifest
 

@@ -231,6 +231,8 @@ class ExtractConfig:
 
     batch_size: int = 256  # images per batch of the code extraction
     shard_size: int = 100_000  # code grids per shard file
+    copies: int = 0  # also encode this many copies of every training image, each shifted by whole pixels (0 = off)
+    shift: int = 1  # the copies' largest shift in pixels, each axis (a random offset other than (0, 0) per copy)
 
 
 SAMPLE_DTYPES = ("float32", "bfloat16")  # sample.dtype: names of torch dtypes
@@ -654,6 +656,9 @@ def validate(cfg: Config) -> None:
     _check_train("stage2", cfg.stage2)
     _check(cfg.extract.batch_size >= 1, "extract.batch_size", cfg.extract.batch_size, "must be >= 1")
     _check(cfg.extract.shard_size >= 1, "extract.shard_size", cfg.extract.shard_size, "must be >= 1")
+    _check(cfg.extract.copies >= 0, "extract.copies", cfg.extract.copies, "must be >= 0 (0 = no shifted copies)")
+    _check(1 <= cfg.extract.shift < cfg.data.image_size, "extract.shift", cfg.extract.shift,
+           f"must be >= 1 pixel and below data.image_size ({cfg.data.image_size})")
 
     _validate_prior(cfg.prior, v.levels)
 

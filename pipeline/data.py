@@ -82,6 +82,40 @@ class ImageSet(IndexedImages):
         return torch.from_numpy(np.asarray(self.ds[list(indices)]["pixels"], np.uint8)), self.labels[idx]
 
 
+class ShiftedCopies(IndexedImages):
+    """The images of ``images`` followed by ``copies`` shifted copies of each, the labels repeated: item
+    ``c * n + j`` is image ``j`` moved by a whole-pixel offset in [-shift, shift]^2 other than (0, 0) (edge pixels
+    repeated into the gap) for copy ``c`` >= 1, and image ``j`` itself for c = 0. The offset depends only on
+    (seed, item), never on the batch: more code grids for the priors from the same images (extract.copies)."""
+
+    def __init__(self, images: Dataset, copies: int, shift: int, seed: int) -> None:
+        self.images, self.copies, self.shift, self.seed = images, copies, shift, seed
+        self.workers = images.workers
+        self.offsets = [(dy, dx) for dy in range(-shift, shift + 1) for dx in range(-shift, shift + 1)
+                        if (dy, dx) != (0, 0)]
+
+    def __len__(self) -> int:
+        return len(self.images) * (1 + self.copies)
+
+    def offset(self, index: int) -> tuple[int, int]:
+        if index < len(self.images):
+            return 0, 0
+        return self.offsets[int(np.random.default_rng([self.seed, index]).integers(len(self.offsets)))]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(self.images)
+        pixels, labels = self.images.__getitems__([i % n for i in indices])
+        out = pixels.clone()
+        size = pixels.shape[-1]
+        for row, index in enumerate(indices):
+            dy, dx = self.offset(index)
+            if dy or dx:
+                ys = (torch.arange(size) - dy).clamp(0, size - 1)
+                xs = (torch.arange(size) - dx).clamp(0, size - 1)
+                out[row] = pixels[row][:, ys][:, :, xs]
+        return out, labels
+
+
 def read_batches(images: Dataset, batches: list[list[int]]) -> Iterator[Any]:
     """``images.__getitems__`` of each list of indices (for an image set: uint8 pixels, labels), in order, read by
     ``images.workers`` DataLoader worker processes (files streamed by :class:`pipeline.streaming.FileImages`

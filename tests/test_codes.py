@@ -8,7 +8,7 @@ import torch
 
 from pipeline.codes import CodeSet, extract_codes, extraction_plan, load_manifest
 from pipeline.config import DataConfig, VQVAEConfig
-from pipeline.data import load_image_data, to_float
+from pipeline.data import ShiftedCopies, load_image_data, to_float
 from pipeline.vqvae import VQVAE2
 from stages import stage2
 from tests.conftest import assert_same_draws, run
@@ -45,6 +45,52 @@ def test_extract_load_same_integers_and_reextract_on_change(tmp_path):
                   log=logs.append)
     assert any("changed" in line for line in logs)  # ... is extracted again
     assert load_manifest(folder)["splits"]["train"]["n"] == 72
+
+
+def test_shifted_copies_move_whole_images_by_at_most_shift_whatever_the_batch():
+    data = load_image_data(DataConfig(image_size=16, max_images=50, holdout_fraction=0.2))  # 40 train images
+    n, shift = len(data.train), 2
+    copies = ShiftedCopies(data.train, copies=3, shift=shift, seed=5)
+    assert len(copies) == 4 * n
+    first, labels = copies.__getitems__(list(range(n)))
+    assert torch.equal(first, data.train.__getitems__(list(range(n)))[0])  # copy 0: the images themselves
+    idx = [n + 7, 3 * n + 7, 2 * n + 1, 7]
+    pixels, labels = copies.__getitems__(idx)
+    assert labels.tolist() == data.train.__getitems__([7, 7, 1, 7])[1].tolist()
+    one_by_one = torch.stack([copies.__getitems__([i])[0][0] for i in idx])
+    assert torch.equal(pixels, one_by_one)  # the offset belongs to the item, not to the batch
+    for row, index in enumerate(idx[:3]):
+        original, (dy, dx) = data.train.__getitems__([index % n])[0][0], copies.offset(index)
+        assert (dy, dx) != (0, 0) and max(abs(dy), abs(dx)) <= shift
+        inner = slice(shift, 16 - shift)  # away from the repeated edge, the copy is the image moved by (dy, dx)
+        moved = pixels[row][:, inner, inner]
+        assert torch.equal(moved, original[:, shift - dy:16 - shift - dy, shift - dx:16 - shift - dx])
+    offsets = {copies.offset(i) for i in range(n, 4 * n)}
+    assert len(offsets) >= 12  # 120 draws spread over the 24 offsets of a 5 x 5 window
+
+
+def test_extraction_records_the_copies_and_redoes_them_when_they_change(tmp_path):
+    data = load_image_data(DataConfig(image_size=16, max_images=30, holdout_fraction=0.2))
+    model = VQVAE2(VQVAEConfig(channels=16, res_channels=8, res_blocks=1, codebook_size=32, code_dim=8,
+                               kmeans_init=False, restart_after=0)).eval()
+    ckpt, folder, logs = tmp_path / "stage1.ckpt", tmp_path / "codes", []
+    torch.save({"model": model.state_dict()}, ckpt)
+
+    def extract(copies: int) -> dict:
+        train = ShiftedCopies(data.train, copies, 1, 0) if copies else data.train
+        return extract_codes(model, ckpt, train, data.holdout, folder, data.class_names, ["top", "bottom"], 16,
+                             log=logs.append, copies={"copies": copies, "shift": copies and 1})
+    assert extract(0)["splits"]["train"]["n"] == 24
+    manifest = extract(2)
+    assert "extracting again" in logs[-2] and "2 shifted copies" in logs[-1]
+    assert manifest["splits"]["train"]["n"] == 72 and manifest["train_copies"] == {"copies": 2, "shift": 1}
+    codes, labels = CodeSet(folder, "train", manifest).__getitems__([0, 24, 48])
+    assert labels.tolist() == [labels[0].item()] * 3
+    with torch.no_grad():
+        expected = model.encode(to_float(ShiftedCopies(data.train, 2, 1, 0).__getitems__([0, 24, 48])[0]))
+    assert_same_draws(codes, expected)
+    extract(2)
+    assert "reusing" in logs[-1]
 
 
 def test_stage2_resumes_and_refuses_a_changed_stage1(smoke_run, tmp_path, capsys):

@@ -16,6 +16,8 @@ from pipeline.config import Config, ConfigError, load_config, parse_override
         ("vqvae.recon_loss=l1", "vqvae.recon_loss='l1' is not allowed: choose one of mse, bounded"),
         ("vqvae.kmeans_init=maybe", "vqvae.kmeans_init='maybe': expected true or false"),
         ("sample.top_p=1.5", "sample.top_p=1.5 is not allowed: must be in (0, 1]"),
+        ("extract.copies=-1", "extract.copies=-1 is not allowed: must be >= 0"),
+        ("extract.shift=16", "extract.shift=16 is not allowed: must be >= 1 pixel and below data.image_size (16)"),
         ("sample.temperature=0", "sample.temperature=0.0 is not allowed: must be > 0"),
         ("fabric.devices=0", "fabric.devices=0 is not allowed"),
         ("fabric.strategy=fsdp fabric.accelerator=mps", "fabric.strategy='fsdp' is not allowed: FSDP does not run on"),
