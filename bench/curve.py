@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from bench.common import ROOT, Context, run_child
+from pipeline.metrics.report import place_labels
 
 STAGES = ("stage1", "stage2", "sample", "evaluate")
 
@@ -134,15 +135,14 @@ def write_outputs(results: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    ordered = sorted(done, key=budget_minutes)
-    fids = [r["report"]["fid"] for r in ordered]
-    for i, r in enumerate(ordered):
+    labels, bars = [], []
+    for r in sorted(done, key=budget_minutes):
         x, q = budget_minutes(r), r["report"]
         lo, hi = q["fid_interval"]
         ax.errorbar(x, q["fid"], yerr=[[q["fid"] - lo], [hi - q["fid"]]], fmt="o", capsize=3,
                     color="C1" if r["reused_stage1"] else "C0")
-        lower = any(q["fid"] < fids[j] for j in (i - 1, i + 1) if 0 <= j < len(fids))  # than a neighbour: below it
-        ax.annotate(r["name"], (x, q["fid"]), textcoords="offset points", xytext=(5, -11 if lower else 4), fontsize=8)
+        labels.append(ax.annotate(r["name"], (x, q["fid"]), textcoords="offset points", xytext=(5, 4), fontsize=8))
+        bars.append((x, lo, x, hi))
     ax.axhline(done[0]["report"]["fid_floor"], color="gray", ls="--", lw=1, label="real floor")
     ax.axhline(2 * done[0]["report"]["fid_floor"], color="gray", ls=":", lw=1, label="2x floor (target)")
     ax.scatter([], [], color="C0", label="own stage 1")
@@ -150,8 +150,10 @@ def write_outputs(results: list[dict], out: Path) -> None:
     ax.set_xlabel("CPU minutes, stage 1 + stage 2 + sample (one thread)")
     ax.set_ylabel("sample Inception FID, N = 1,000")
     ax.set_ylim(bottom=0)
+    ax.margins(x=0.15)  # room for the labels of the first and last points
     ax.legend(fontsize=8)
     fig.tight_layout()
+    place_labels(ax, labels, bars)
     fig.savefig(out / "curve.png", dpi=110)
 
 

@@ -99,6 +99,7 @@ def sweep_plot(path: Path, results: list[dict], floor: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    labels = []
     series = (("temperature", "o", "#3b6ea5", "T", "varying temperature"), ("top_p", "s", "#c0504d", "p",
               "varying top-p"), ("guidance", "D", "#8064a2", "g", "varying guidance"),
               ("accept", "^", "#4f8f3a", "a", "rejection sampling, acceptance a"))
@@ -107,9 +108,8 @@ def sweep_plot(path: Path, results: list[dict], floor: dict) -> None:
         if not pts:
             continue
         ax.plot([r["recall"] for r in pts], [r["precision"] for r in pts], marker=marker, color=color, label=label)
-        for r in pts:
-            ax.annotate(f"{short}={r[kind]:g}\nFID {r['fid']:.3g}", (r["recall"], r["precision"]),
-                        textcoords="offset points", xytext=(6, -18 if kind == "top_p" else 4), fontsize=7)
+        labels += [ax.annotate(f"{short}={r[kind]:g}\nFID {r['fid']:.3g}", (r["recall"], r["precision"]),
+                               textcoords="offset points", xytext=(6, 4), fontsize=7) for r in pts]
     ax.scatter([floor["recall"]], [floor["precision"]], marker="*", s=140, color="black", label="real held-out")
     ax.set_xlabel("recall (diversity)")
     ax.set_ylabel("precision (quality)")
@@ -121,7 +121,53 @@ def sweep_plot(path: Path, results: list[dict], floor: dict) -> None:
     ax.legend(loc="lower left", fontsize=8)
     ax.set_title("Sampling knobs: precision vs recall")
     fig.tight_layout()
+    place_labels(ax, labels)
     save_figure(fig, path)
+
+
+def place_labels(ax, labels: list, obstacles: list[tuple[float, float, float, float]] = ()) -> None:
+    """Move each point's annotation (``ax.annotate`` with offset points) beside its marker: right of it, centred,
+    else a step above or below, else left of it, whichever position first overlaps no label placed before, no
+    marker, no obstacle (x0, y0, x1, y1 in data units, e.g. error bars) and not the legend, inside the axes; the least
+    overlapping one when none is free. Call after the limits and layout are final."""
+    renderer = ax.figure.canvas.get_renderer()
+    inside, to_px = ax.get_window_extent(renderer), ax.transData.transform
+    taken = [(x - 5, y - 5, x + 5, y + 5) for x, y in (to_px(a.xy) for a in labels)]
+    for x0, y0, x1, y1 in obstacles:
+        (a0, b0), (a1, b1) = to_px((x0, y0)), to_px((x1, y1))
+        taken.append((min(a0, a1) - 2, min(b0, b1), max(a0, a1) + 2, max(b0, b1)))
+    if ax.get_legend() is not None:
+        taken.append(tuple(ax.get_legend().get_window_extent(renderer).extents))
+    pt = renderer.points_to_pixels(1.0)
+
+    def cost(box) -> float:
+        area = sum(max(0, min(box[2], t[2]) - max(box[0], t[0])) * max(0, min(box[3], t[3]) - max(box[1], t[1]))
+                   for t in taken)
+        out = (max(0, inside.x0 - box[0]) + max(0, box[2] - inside.x1) + max(0, inside.y0 - box[1])
+               + max(0, box[3] - inside.y1))
+        return area + 1e3 * out
+
+    for label in labels:
+        label.set_verticalalignment("bottom")
+        half = label.get_window_extent(renderer).height / pt / 2  # points
+        best = None
+        for side in (1, -1):
+            for step in (0, 1, -1, 2, -2, 3, -3):
+                label.set_horizontalalignment("left" if side > 0 else "right")
+                label.xyann = (6 * side, -half + step * (half + 5))
+                e = label.get_window_extent(renderer)
+                box = (e.x0 - 1, e.y0 - 1, e.x1 + 1, e.y1 + 1)
+                c = cost(box)
+                if best is None or c < best[0]:
+                    best = (c, label.get_horizontalalignment(), label.xyann, box)
+                if c == 0:
+                    break
+            if best[0] == 0:
+                break
+        _, align, offset, box = best
+        label.set_horizontalalignment(align)
+        label.xyann = offset
+        taken.append(box)
 
 
 def _cell(side: dict, key: str) -> str:
