@@ -460,7 +460,8 @@ def test_onnx_export_is_cached_and_redone_when_its_source_changes(tmp_path, monk
     path.write_bytes(path.read_bytes()[:-1] + b"x")
     assert cached("b" * 64) == path and len(exports) == 4  # a damaged export
     assert cached("b" * 64) == path and len(exports) == 4
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.onnx", "tiny.onnx.json", "tiny.pt"]  # no temp files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.onnx", "tiny.onnx.json", "tiny.onnx.lock",
+                                                          "tiny.pt"]  # no temp files
 
     def full_disk(*args):
         raise OSError(28, "No space left on device")
@@ -468,6 +469,38 @@ def test_onnx_export_is_cached_and_redone_when_its_source_changes(tmp_path, monk
     monkeypatch.setattr(onnx_export, "atomic_write_bytes", full_disk)
     assert isinstance(cached("c" * 64), bytes) and len(exports) == 5  # used from memory, not cached
     assert cached("b" * 64) == path  # the earlier cache untouched
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+def test_a_second_process_waits_for_the_first_export_and_reuses_it(tmp_path) -> None:
+    """Two evaluations starting at once (two test workers on a fresh clone) exported the network twice; the second
+    now waits on the first one's lock and takes its file."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    import fcntl
+    import os
+    import threading
+
+    from pipeline.metrics import onnx_export
+
+    source, example = tmp_path / "tiny.pt", torch.zeros(1, 3, 8, 8)
+    torch.jit.script(_Tiny()).save(source)
+    exports, result = [], []
+    waiter = threading.Thread(target=lambda: result.append(onnx_export.cached_onnx(
+        source, "a" * 64, lambda: exports.append(1) or torch.jit.load(source), example, log=lambda *a: None)))
+    fd = os.open(tmp_path / "tiny.onnx.lock", os.O_RDWR | os.O_CREAT)  # "the first process" holds the lock ...
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        waiter.start()
+        waiter.join(timeout=1.0)
+        assert waiter.is_alive() and not exports  # ... so the second one waits instead of exporting
+        record = onnx_export.export_record("a" * 64)  # ... and writes its export
+        onnx_export._export_and_cache(source, lambda: torch.jit.load(source), example, tmp_path / "tiny.onnx",
+                                      tmp_path / "tiny.onnx.json", record, lambda *a: None)
+    finally:
+        os.close(fd)
+    waiter.join(timeout=60)
+    assert result == [tmp_path / "tiny.onnx"] and not exports  # the waiter took the first one's file
 
 
 def test_inception_runtime_resolution_and_missing_onnxruntime(monkeypatch) -> None:

@@ -11,11 +11,14 @@ the result with ``CPUExecutionProvider``.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
+import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -74,6 +77,30 @@ def cached_onnx(source: Path, source_sha256: str, load: Callable[[], torch.nn.Mo
     record = export_record(source_sha256)
     if _cache_matches(model, sidecar, record):
         return model
+    with _export_lock(source.with_suffix(".onnx.lock")):  # a second process waits for the first one's export
+        if _cache_matches(model, sidecar, record):
+            return model
+        return _export_and_cache(source, load, example, model, sidecar, record, log)
+
+
+@contextmanager
+def _export_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` while held (released by the OS however the process ends); no lock, and
+    no error, where the file cannot be opened (a read-only folder: each process then exports for itself)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _export_and_cache(source: Path, load: Callable[[], torch.nn.Module], example: torch.Tensor, model: Path,
+                      sidecar: Path, record: dict, log) -> Path | bytes:
     log(f"exporting {source.name} to ONNX once for onnxruntime (cached as {model})")
     try:
         data = export_onnx(load(), example)
