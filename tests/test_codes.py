@@ -110,6 +110,17 @@ def test_stage2_resumes_and_refuses_a_changed_stage1(smoke_run, tmp_path, capsys
     assert "trained with a different stage-1 model" in captured.err and "--fresh" in captured.err
 
 
+def test_stage2_trains_on_the_shifted_copies_it_was_asked_for(smoke_run, tmp_path, capsys):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(smoke_run, run_dir, ignore=shutil.ignore_patterns("stage2"))
+    n = load_manifest(run_dir / "codes")["splits"]["train"]["n"]
+    assert run(stage2, run_dir, "extract.copies=2", "stage2.max_steps=2") == 0
+    assert "2 shifted copies of each" in capsys.readouterr().out
+    manifest = load_manifest(run_dir / "codes")
+    assert manifest["splits"]["train"]["n"] == 3 * n and manifest["train_copies"] == {"copies": 2, "shift": 1}
+    assert manifest["splits"]["holdout"]["n"] == load_manifest(smoke_run / "codes")["splits"]["holdout"]["n"]
+
+
 @pytest.mark.parametrize("n,world,batch,shard", [(540, 2, 16, 100), (60, 2, 16, 100), (7, 3, 4, 2), (90, 1, 16, 25),
                                                  (5, 4, 8, 10)])
 def test_extraction_plan_covers_every_image_once_in_order(n, world, batch, shard):
