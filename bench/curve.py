@@ -40,6 +40,7 @@ VARIANTS: dict[str, tuple[list[str], bool]] = {
     "s2_600": (["stage2.max_steps=600"], True),
     "s2_2400": (["stage2.max_steps=2400"], True),
     "no_dropout": (["prior.top.dropout=0", "prior.bottom.dropout=0"], True),
+    "dropout_0.2": (["prior.top.dropout=0.2", "prior.bottom.dropout=0.2"], True),
     "prior_256": (["prior.top.n_embd=256", "prior.bottom.n_embd=256"], True),
     "crop_0.9": (["data.crop_scale=0.9"], False),
     "copies_4": (["extract.copies=4"], True),  # the priors see 5x the code grids: 4 shifted copies of each image
@@ -134,7 +135,7 @@ def write_outputs(results: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(8.5, 4.6))
     labels, bars = [], []
     for r in sorted(done, key=budget_minutes):
         x, q = budget_minutes(r), r["report"]
