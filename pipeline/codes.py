@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.data import ImageSet, read_batches, to_float
+from pipeline.data import ImageSet, ShiftedCopies, read_batches, to_float
 from pipeline.distributed import ONE_PROCESS, on_every_rank, rank_zero_result
 from pipeline.io import UserError, atomic_save_npy, atomic_write_text
 
@@ -167,16 +167,16 @@ def _reusable_or_prepare(folder: Path, sha: str, copies: dict, log) -> dict | No
 
 def extract_codes(model, stage1_ckpt: Path, train: ImageSet, holdout: ImageSet, folder: Path,
                   class_names: list[str] | None, level_names: list[str], image_size: int, batch_size: int = 256,
-                  shard_size: int = 100_000, device="cpu", log=print, fabric=ONE_PROCESS,
-                  copies: dict = NO_COPIES) -> dict:
-    """Encode both splits (or reuse an extraction made with the same stage-1 checkpoint and ``copies``, the
-    description of ``train``'s shifted copies recorded in the manifest); returns the manifest.
+                  shard_size: int = 100_000, device="cpu", log=print, fabric=ONE_PROCESS) -> dict:
+    """Encode both splits (or reuse an extraction made with the same stage-1 checkpoint and the same shifted
+    copies when ``train`` is a :class:`ShiftedCopies`, recorded in the manifest); returns the manifest.
 
     With several processes (``fabric``) every rank encodes and writes its own part of each split
     (``extraction_plan``); rank 0 decides on reuse, and writes ``manifest.json`` once every rank's files exist.
     A failure on any rank stops every rank with its reason."""
     folder = Path(folder)
     sha = file_sha256(stage1_ckpt)
+    copies = train.record() if isinstance(train, ShiftedCopies) else NO_COPIES
     reused = rank_zero_result(fabric, lambda: _reusable_or_prepare(folder, sha, copies, log))
     if reused is not None:
         return reused
@@ -202,8 +202,8 @@ def extract_codes(model, stage1_ckpt: Path, train: ImageSet, holdout: ImageSet, 
                                 "process sees?); run stage 2 again")
             manifest["splits"][split] = {"n": len(images), "shards": shards}
         atomic_write_text(folder / "manifest.json", json.dumps(manifest, indent=1))  # last: a complete extraction
-        extra = f" ({len(train) // (1 + copies['copies'])} images + {copies['copies']} shifted copies of each)" \
-            if copies["copies"] else ""
+        extra = f" ({len(train.images)} images + {train.copies} shifted copies of each)" \
+            if isinstance(train, ShiftedCopies) else ""
         log(f"codes: {len(train)} train{extra} / {len(holdout)} held-out grids {manifest['grids']} in {folder}"
             + (f", written by {fabric.world_size} processes" if fabric.world_size > 1 else ""))
         return manifest

@@ -97,6 +97,10 @@ class ShiftedCopies(IndexedImages):
     def __len__(self) -> int:
         return len(self.images) * (1 + self.copies)
 
+    def record(self) -> dict:
+        """What the code manifest records of these copies (an extraction is reused only with the same record)."""
+        return {"copies": self.copies, "shift": self.shift}
+
     def offset(self, index: int) -> tuple[int, int]:
         if index < len(self.images):
             return 0, 0

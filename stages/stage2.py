@@ -11,7 +11,7 @@ import sys
 import torch
 
 from pipeline.checkpoint import LAST_CKPT, resume_point, saved_state
-from pipeline.codes import NO_COPIES, CodeSet, extract_codes
+from pipeline.codes import CodeSet, extract_codes
 from pipeline.config import Config, config_diff
 from pipeline.data import ShiftedCopies
 from pipeline.fabric import make_fabric, make_loggers
@@ -72,13 +72,11 @@ def run_stage2(cfg: Config, run: RunFolder, fresh: bool = False) -> dict:
     meta = load_checkpoint(stage1_path)["meta"]  # class names: older checkpoints have only their number
     class_names = meta.get("class_names") or ([str(i) for i in range(meta["num_classes"])]
                                               if meta.get("num_classes") else None)
-    ex, train_images, copies = cfg.extract, data.train, NO_COPIES
-    if ex.copies:  # the priors are short of data before the stage-1 model is: shifted copies add code grids
-        train_images, copies = ShiftedCopies(data.train, ex.copies, ex.shift, cfg.stage2.seed), \
-            {"copies": ex.copies, "shift": ex.shift}
+    ex = cfg.extract  # shifted copies add code grids for priors short of data (extract.copies)
+    train_images = ShiftedCopies(data.train, ex.copies, ex.shift, cfg.stage2.seed) if ex.copies else data.train
     manifest = extract_codes(vqvae.to(fabric.device), stage1_path, train_images, data.holdout, run.codes, class_names,
                              names, cfg1.data.image_size, ex.batch_size, ex.shard_size, fabric.device,
-                             log=fabric.print, fabric=fabric, copies=copies)
+                             log=fabric.print, fabric=fabric)
     train, holdout = CodeSet(run.codes, "train", manifest), CodeSet(run.codes, "holdout", manifest)
     num_classes = manifest["num_classes"] if cfg.prior.class_conditional else 0
     if cfg.prior.class_conditional and manifest["num_classes"] == 0:

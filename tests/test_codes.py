@@ -79,7 +79,7 @@ def test_extraction_records_the_copies_and_redoes_them_when_they_change(tmp_path
     def extract(copies: int) -> dict:
         train = ShiftedCopies(data.train, copies, 1, 0) if copies else data.train
         return extract_codes(model, ckpt, train, data.holdout, folder, data.class_names, ["top", "bottom"], 16,
-                             log=logs.append, copies={"copies": copies, "shift": copies and 1})
+                             log=logs.append)
     assert extract(0)["splits"]["train"]["n"] == 24
     manifest = extract(2)
     assert "extracting again" in logs[-2] and "2 shifted copies" in logs[-1]
