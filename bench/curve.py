@@ -39,6 +39,7 @@ VARIANTS: dict[str, tuple[list[str], bool]] = {
     "s2_300": (["stage2.max_steps=300"], True),
     "s2_600": (["stage2.max_steps=600"], True),
     "s2_2400": (["stage2.max_steps=2400"], True),
+    "s1_4000_s2_2400": (["stage1.max_steps=4000", "stage2.max_steps=2400"], False),  # both levers at once
     "no_dropout": (["prior.top.dropout=0", "prior.bottom.dropout=0"], True),
     "dropout_0.2": (["prior.top.dropout=0.2", "prior.bottom.dropout=0.2"], True),
     "prior_256": (["prior.top.n_embd=256", "prior.bottom.n_embd=256"], True),
