@@ -89,7 +89,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.run $(if $(QUICK),--quick,)
 
-# Inception FID against CPU minutes, one knob of CONFIG at a time (about an hour on 2 cores; ARGS: --only, --jobs)
+# Inception FID against CPU minutes, one knob of CONFIG at a time (40-90 CPU minutes a variant, two side by side; ARGS: --only, --jobs)
 curve: $(STAMP)
 	$(PY) -m bench.curve --config "$(CONFIG)" $(ARGS)
 
